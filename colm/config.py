@@ -1,0 +1,165 @@
+"""Model configuration: one frozen dataclass with presets, chain splits derived from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ATTN_IMPLS = ("reference", "xla", "cudnn", "auto")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str) -> Any:
+  """Maps a dtype name ('float32', 'bfloat16', 'float16') to the jnp dtype; ValueError otherwise."""
+  try:
+    return DTYPES[name]
+  except KeyError:
+    raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def split_by_chains(total: int, chains: tuple[int, ...], what: str) -> tuple[int, ...]:
+  """Splits `total` units over chains in proportion to their widths c_i.
+
+  Chain i gets total * c_i / sum(c); a ValueError names `what` when that is not an integer.
+  """
+  s = sum(chains)
+  parts = []
+  for c in chains:
+    if (total * c) % s:
+      raise ValueError(
+          f"{what}={total} cannot be split over chains={chains}: {total}*{c}/{s} is not an integer"
+      )
+    parts.append(total * c // s)
+  return tuple(parts)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelConfig:
+  """A LLaMA-style decoder built from chain-aware layers. chains=(1,) is the plain Transformer."""
+
+  vocab_size: int = 4096  # tokens in the embedding and LM head
+  d_model: int = 256  # hidden size D = sum_i D_i
+  n_layers: int = 4  # decoder blocks
+  n_heads: int = 8  # query heads (split over chains)
+  n_kv_heads: int = 4  # key/value heads, grouped-query attention (split over chains)
+  head_dim: int = 32  # per-head width
+  ffn_dim: int = 704  # SwiGLU hidden width (split over chains)
+  chains: tuple[int, ...] = (1,)  # relative chain widths c_i; (16, 16) or (8, 8, 8, 8) is CoLM
+  tie_embeddings: bool = True  # LM head = embedding transposed
+  rope_theta: float = 10000.0  # RoPE base
+  norm_eps: float = 1e-6  # RMSNorm epsilon
+  max_seq_len: int = 256  # longest context the model is trained / decoded with
+  attn_impl: str = "auto"  # 'reference' (jnp), 'xla', 'cudnn', 'auto' (cudnn on GPU, else reference)
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"  # parameter storage dtype
+  init_std: float = 0.02  # normal init of all weights
+
+  def __post_init__(self):
+    object.__setattr__(self, "chains", tuple(int(c) for c in self.chains))
+    if not self.chains or any(c <= 0 for c in self.chains):
+      raise ValueError(f"chains must be a non-empty tuple of positive integers, got {self.chains}")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "ffn_dim", "max_seq_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.attn_impl not in ATTN_IMPLS:
+      raise ValueError(f"attn_impl={self.attn_impl!r}; choose one of {ATTN_IMPLS}")
+    resolve_dtype(self.dtype)
+    resolve_dtype(self.param_dtype)
+    # Derived splits raise a ValueError naming the field when a chain split is not integral.
+    self.chain_dims, self.chain_heads, self.chain_kv_heads, self.chain_ffn  # noqa: B018
+    for i, (h, kv) in enumerate(zip(self.chain_heads, self.chain_kv_heads)):
+      if h // kv != self.n_heads // self.n_kv_heads or h % kv:
+        raise ValueError(f"chain {i}: {h} query heads and {kv} KV heads break the GQA grouping")
+
+  @property
+  def num_chains(self) -> int:
+    return len(self.chains)
+
+  @property
+  def chain_dims(self) -> tuple[int, ...]:
+    """D_i, the hidden width of each chain."""
+    return split_by_chains(self.d_model, self.chains, "d_model")
+
+  @property
+  def chain_heads(self) -> tuple[int, ...]:
+    return split_by_chains(self.n_heads, self.chains, "n_heads")
+
+  @property
+  def chain_kv_heads(self) -> tuple[int, ...]:
+    return split_by_chains(self.n_kv_heads, self.chains, "n_kv_heads")
+
+  @property
+  def chain_ffn(self) -> tuple[int, ...]:
+    return split_by_chains(self.ffn_dim, self.chains, "ffn_dim")
+
+  def replace(self, **kw) -> ModelConfig:
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self, num_chains: int | None = None) -> int:
+    """Parameter count of the k-chain sub-model (all chains by default), embedding included once."""
+    k = self.num_chains if num_chains is None else num_chains
+
+    def chain_linear(ins, outs):
+      return sum(sum(ins[: i + 1]) * outs[i] for i in range(k))
+
+    d = self.chain_dims
+    q = tuple(h * self.head_dim for h in self.chain_heads)
+    kv = tuple(h * self.head_dim for h in self.chain_kv_heads)
+    f = self.chain_ffn
+    per_layer = (chain_linear(d, q) + 2 * chain_linear(d, kv) + chain_linear(q, d)
+                 + 2 * chain_linear(d, f) + chain_linear(f, d) + 2 * sum(d[:k]))
+    n = self.n_layers * per_layer + sum(d[:k]) + self.vocab_size * sum(d[:k])
+    if not self.tie_embeddings:
+      n += self.vocab_size * sum(d[:k])
+    return n
+
+  def flops_per_token(self, seq_len: int, num_chains: int | None = None) -> float:
+    """Training FLOPs per token: 6N (the tied head counts as a matmul, lookups don't) plus causal
+    attention 6 * layers * heads * head_dim * seq_len (PaLM's MFU count, halved for causality)."""
+    k = self.num_chains if num_chains is None else num_chains
+    attn = 6 * self.n_layers * sum(self.chain_heads[:k]) * self.head_dim * seq_len
+    return 6 * self.num_params(k) + attn
+
+  # Presets --------------------------------------------------------------------------------------
+
+  @classmethod
+  def tiny(cls, **kw) -> ModelConfig:
+    """For tests: small odd dims so wrong axes show up in shapes."""
+    base = dict(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12,
+                ffn_dim=80, max_seq_len=64, attn_impl="reference")
+    return cls(**{**base, **kw})
+
+  @classmethod
+  def small(cls, **kw) -> ModelConfig:
+    """A few million parameters: the CPU quick start."""
+    base = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32,
+                ffn_dim=704, max_seq_len=256)
+    return cls(**{**base, **kw})
+
+  @classmethod
+  def base(cls, **kw) -> ModelConfig:
+    """About 125M parameters, for the GPU."""
+    base = dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64,
+                ffn_dim=2048, max_seq_len=1024, dtype="bfloat16")
+    return cls(**{**base, **kw})
+
+  @classmethod
+  def large(cls, **kw) -> ModelConfig:
+    """About 1B parameters: the decode-roofline configuration."""
+    base = dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8,
+                head_dim=128, ffn_dim=5632, max_seq_len=2048, dtype="bfloat16")
+    return cls(**{**base, **kw})
+
+  @classmethod
+  def preset(cls, name: str, **kw) -> ModelConfig:
+    presets = {"tiny": cls.tiny, "small": cls.small, "base": cls.base, "large": cls.large}
+    if name not in presets:
+      raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(presets)}")
+    return presets[name](**kw)

@@ -1,0 +1,85 @@
+"""Chain-aware primitives: ChainLinear, per-chain RMSNorm, rotary position embedding.
+
+Axis letters used in shape comments: B batch, T query length, S key length, D hidden,
+H query heads, K KV heads, G query heads per KV head, E head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def cumsum(dims: tuple[int, ...]) -> tuple[int, ...]:
+  """(D_1, D_2, ...) -> (D_1, D_1 + D_2, ...)."""
+  return tuple(itertools.accumulate(dims))
+
+
+class ChainLinear(nnx.Module):
+  """y = concat_i(W_i x_{<=i}): output chain i reads only input chains 1..i (CoLM, Eq. 2).
+
+  One matmul per chain, no dense weight under a mask: W_i has shape [sum_{j<=i} in_j, out_i].
+  With one chain this is a plain dense layer.
+  """
+
+  def __init__(self, in_dims: tuple[int, ...], out_dims: tuple[int, ...], *, rngs: nnx.Rngs,
+               init_std: float = 0.02, param_dtype=jnp.float32):
+    if len(in_dims) != len(out_dims):
+      raise ValueError(f"in_dims={in_dims} and out_dims={out_dims} have different chain counts")
+    self.in_dims, self.out_dims = tuple(in_dims), tuple(out_dims)
+    init = nnx.initializers.normal(init_std)
+    self.kernels = nnx.List([
+        nnx.Param(init(rngs.params(), (cin, dout), param_dtype))
+        for cin, dout in zip(cumsum(self.in_dims), self.out_dims)
+    ])
+
+  def __call__(self, x: jax.Array, num_chains: int | None = None, dtype=None) -> jax.Array:
+    """x: [..., sum(in_dims[:k])] -> [..., sum(out_dims[:k])] with k = num_chains (all if None)."""
+    k = len(self.kernels) if num_chains is None else num_chains
+    cin = cumsum(self.in_dims)
+    if x.shape[-1] != cin[k - 1]:
+      raise ValueError(f"ChainLinear with {k} chains expects last dim {cin[k - 1]}, got {x.shape}")
+    dtype = dtype or x.dtype
+    outs = [jnp.dot(x[..., : cin[i]].astype(dtype), self.kernels[i][...].astype(dtype))
+            for i in range(k)]
+    return outs[0] if k == 1 else jnp.concatenate(outs, axis=-1)
+
+
+class ChainRMSNorm(nnx.Module):
+  """RMSNorm applied to each chain's slice on its own, so chain i never sees chains > i."""
+
+  def __init__(self, dims: tuple[int, ...], *, eps: float = 1e-6, param_dtype=jnp.float32):
+    self.dims, self.eps = tuple(dims), eps
+    self.scale = nnx.Param(jnp.ones((sum(dims),), param_dtype))
+
+  def __call__(self, x: jax.Array, num_chains: int | None = None) -> jax.Array:
+    """x: [..., sum(dims[:k])] -> same shape; statistics in float32, output in x.dtype."""
+    k = len(self.dims) if num_chains is None else num_chains
+    bounds = (0,) + cumsum(self.dims[:k])
+    xf = x.astype(jnp.float32)
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+      xi = xf[..., a:b]
+      parts.append(xi * jax.lax.rsqrt(jnp.mean(xi * xi, axis=-1, keepdims=True) + self.eps))
+    y = parts[0] if k == 1 else jnp.concatenate(parts, axis=-1)
+    return (y * self.scale[...][: bounds[-1]].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """Rotary embedding, rotate-half form (LLaMA).
+
+  Args:
+    x: [B, T, N, E] queries or keys.
+    positions: [B, T] int absolute positions.
+  Returns:
+    [B, T, N, E] in x.dtype.
+  """
+  e = x.shape[-1]
+  freq = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)  # [E/2]
+  ang = positions.astype(jnp.float32)[..., None] * freq  # [B, T, E/2]
+  sin, cos = jnp.sin(ang)[:, :, None, :], jnp.cos(ang)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

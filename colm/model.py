@@ -1,0 +1,194 @@
+"""The chain-aware LLaMA-style decoder (Flax NNX). chains=(1,) is the standard Transformer.
+
+Axis letters: B batch, T query length, S cache length, D hidden, H query heads, K KV heads,
+E head dim, F FFN width, V vocab. A k-chain forward uses the first k chains of every layer:
+hidden width sum(D_1..D_k), the heads and KV heads those chains own, and the head rows of that
+scale. Chain i never reads chains > i, so the k-chain logits are those of the nested sub-model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from colm.attention import decode_attention, get_attention
+from colm.config import ModelConfig, resolve_dtype
+from colm.layers import ChainLinear, ChainRMSNorm, cumsum, rope
+
+LayerKV = tuple[jax.Array, jax.Array]  # k, v: [B, K, S, E]
+
+
+def _write_prefill(cache: jax.Array, new: jax.Array) -> jax.Array:
+  """cache [B, K, S, E] <- new [B, T, k, E] at positions 0..T-1 of the first k heads."""
+  return cache.at[:, : new.shape[2], : new.shape[1]].set(new.transpose(0, 2, 1, 3).astype(cache.dtype))
+
+
+def _write_token(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
+  """cache [B, K, S, E] <- new [B, 1, k, E] at position pos[b] of sequence b."""
+  upd = new.transpose(0, 2, 1, 3).astype(cache.dtype)  # [B, k, 1, E]
+  if upd.shape[1] != cache.shape[1]:  # fewer active chains than the cache holds
+    upd = jnp.concatenate(
+        [upd, jax.vmap(lambda c, p: jax.lax.dynamic_slice_in_dim(c, p, 1, axis=1))(
+            cache[:, upd.shape[1]:], pos)], axis=1)
+  return jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice_in_dim(c, u, p, axis=1))(
+      cache, upd, pos)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention where chain i owns its share of the query and KV heads."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None):
+    pd = resolve_dtype(cfg.param_dtype)
+    e = cfg.head_dim
+    self.cfg = cfg
+    self.attn_impl = attn_impl or cfg.attn_impl
+    q_dims = tuple(h * e for h in cfg.chain_heads)
+    kv_dims = tuple(h * e for h in cfg.chain_kv_heads)
+    kw = dict(rngs=rngs, init_std=cfg.init_std, param_dtype=pd)
+    self.q = ChainLinear(cfg.chain_dims, q_dims, **kw)
+    self.k = ChainLinear(cfg.chain_dims, kv_dims, **kw)
+    self.v = ChainLinear(cfg.chain_dims, kv_dims, **kw)
+    self.o = ChainLinear(q_dims, cfg.chain_dims, **kw)
+
+  def _qkv(self, x, positions, k):
+    cfg, dt = self.cfg, x.dtype
+    b, t = x.shape[:2]
+    h, kh = sum(cfg.chain_heads[:k]), sum(cfg.chain_kv_heads[:k])
+    q = self.q(x, k, dt).reshape(b, t, h, cfg.head_dim)
+    kk = self.k(x, k, dt).reshape(b, t, kh, cfg.head_dim)
+    vv = self.v(x, k, dt).reshape(b, t, kh, cfg.head_dim)
+    return rope(q, positions, cfg.rope_theta), rope(kk, positions, cfg.rope_theta), vv
+
+  def __call__(self, x: jax.Array, positions: jax.Array, num_chains: int,
+               kv: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
+    """Causal self-attention over the block x [B, T, D_k]; with kv, also writes the cache.
+
+    Without a cache or with one being prefilled (positions start at 0), attention runs over the
+    fresh keys through the configured attention function. With a cache and T == 1 (decode), the
+    token's K/V are written at positions[:, 0] and it attends cache entries 0..positions[:, 0].
+    """
+    b, t = x.shape[:2]
+    q, kk, vv = self._qkv(x, positions, num_chains)
+    if kv is not None and t == 1:
+      kc = _write_token(kv[0], kk, positions[:, 0])
+      vc = _write_token(kv[1], vv, positions[:, 0])
+      kh = kk.shape[2]
+      out = decode_attention(q[:, 0], kc[:, :kh], vc[:, :kh], positions[:, 0] + 1)[:, None]
+      new_kv = (kc, vc)
+    else:
+      out = get_attention(self.attn_impl)(q, kk, vv, causal=True)
+      new_kv = None if kv is None else (_write_prefill(kv[0], kk), _write_prefill(kv[1], vv))
+    return self.o(out.reshape(b, t, -1), num_chains), new_kv
+
+
+class FeedForward(nnx.Module):
+  """Chained SwiGLU: down(silu(gate(x)) * up(x)) with every projection a ChainLinear."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    kw = dict(rngs=rngs, init_std=cfg.init_std, param_dtype=resolve_dtype(cfg.param_dtype))
+    self.gate = ChainLinear(cfg.chain_dims, cfg.chain_ffn, **kw)
+    self.up = ChainLinear(cfg.chain_dims, cfg.chain_ffn, **kw)
+    self.down = ChainLinear(cfg.chain_ffn, cfg.chain_dims, **kw)
+
+  def __call__(self, x: jax.Array, num_chains: int) -> jax.Array:
+    """x: [B, T, D_k] -> [B, T, D_k]."""
+    return self.down(jax.nn.silu(self.gate(x, num_chains)) * self.up(x, num_chains), num_chains)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block with per-chain RMSNorms."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, attn_impl: str | None = None):
+    pd = resolve_dtype(cfg.param_dtype)
+    self.attn_norm = ChainRMSNorm(cfg.chain_dims, eps=cfg.norm_eps, param_dtype=pd)
+    self.attn = Attention(cfg, rngs=rngs, attn_impl=attn_impl)
+    self.ffn_norm = ChainRMSNorm(cfg.chain_dims, eps=cfg.norm_eps, param_dtype=pd)
+    self.ffn = FeedForward(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, num_chains, kv=None):
+    a, kv = self.attn(self.attn_norm(x, num_chains), positions, num_chains, kv)
+    x = x + a
+    return x + self.ffn(self.ffn_norm(x, num_chains), num_chains), kv
+
+
+class Decoder(nnx.Module):
+  """Decoder-only LM. `model(tokens, num_chains=k)` runs the k-chain sub-model.
+
+  Args:
+    cfg: the model configuration.
+    rngs: parameter initialisation keys.
+    attn_impls: optional attention implementation per layer (hybrid stacks); default cfg.attn_impl.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+               attn_impls: tuple[str, ...] | None = None):
+    if attn_impls is not None and len(attn_impls) != cfg.n_layers:
+      raise ValueError(f"attn_impls has {len(attn_impls)} entries for {cfg.n_layers} layers")
+    pd = resolve_dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.embed = nnx.Param(
+        nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.d_model), pd))
+    self.layers = nnx.List([
+        Block(cfg, rngs=rngs, attn_impl=None if attn_impls is None else attn_impls[i])
+        for i in range(cfg.n_layers)
+    ])
+    self.final_norm = ChainRMSNorm(cfg.chain_dims, eps=cfg.norm_eps, param_dtype=pd)
+    self.head = None if cfg.tie_embeddings else nnx.Param(
+        nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.d_model, cfg.vocab_size), pd))
+
+  def _chains(self, num_chains: int | None) -> int:
+    n = self.cfg.num_chains
+    k = n if num_chains is None else int(num_chains)
+    if not 1 <= k <= n:
+      raise ValueError(f"num_chains={num_chains} must be in 1..{n}")
+    return k
+
+  def embed_tokens(self, tokens: jax.Array, num_chains: int) -> jax.Array:
+    """[B, T] int -> [B, T, D_k] in the compute dtype (scale k uses the first sum D_i columns)."""
+    width = cumsum(self.cfg.chain_dims)[num_chains - 1]
+    return self.embed[...][:, :width].astype(resolve_dtype(self.cfg.dtype))[tokens]
+
+  def logits(self, h: jax.Array, num_chains: int) -> jax.Array:
+    """Final per-chain norm and the LM head of scale k. h: [..., D_k] -> [..., V] float32."""
+    width = h.shape[-1]
+    h = self.final_norm(h, num_chains)
+    w = self.embed[...][:, :width].T if self.head is None else self.head[...][:width]
+    return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+  def hidden(self, tokens: jax.Array, *, num_chains: int | None = None,
+             positions: jax.Array | None = None) -> jax.Array:
+    """Final hidden states before the norm: [B, T] -> [B, T, D_k]."""
+    k = self._chains(num_chains)
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = self.embed_tokens(tokens, k)
+    for layer in self.layers:
+      x, _ = layer(x, positions, k)
+    return x
+
+  def __call__(self, tokens: jax.Array, *, num_chains: int | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Full causal forward. tokens [B, T] int -> logits [B, T, V] float32."""
+    k = self._chains(num_chains)
+    return self.logits(self.hidden(tokens, num_chains=k, positions=positions), k)
+
+  def forward_cached(self, tokens: jax.Array, positions: jax.Array, kv: tuple[LayerKV, ...],
+                     num_chains: int | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+    """Prefill (positions 0..T-1) or one decode step (T == 1) against per-layer caches.
+
+    Args:
+      tokens: [B, T] int.
+      positions: [B, T] int absolute positions (prefill: arange; decode: the cache lengths).
+      kv: per layer (k, v), each [B, K, S, E].
+    Returns:
+      logits [B, T, V] float32 and the updated per-layer caches.
+    """
+    k = self._chains(num_chains)
+    x = self.embed_tokens(tokens, k)
+    new = []
+    for layer, layer_kv in zip(self.layers, kv):
+      x, layer_kv = layer(x, positions, k, layer_kv)
+      new.append(layer_kv)
+    return self.logits(x, k), tuple(new)

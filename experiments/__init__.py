@@ -1,0 +1,1 @@
+"""The command line (python -m experiments ...), configs, data, training, benchmarks, plots."""

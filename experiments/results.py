@@ -1,0 +1,61 @@
+"""Benchmark and experiment results: JSON files stamped with device, versions and commit."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jax
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
+
+
+def git_commit() -> str:
+  """The commit of the working tree (with '+dirty' when it has uncommitted changes), or 'unknown'."""
+  root = Path(__file__).resolve().parent.parent
+  try:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return sha + ("+dirty" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return os.environ.get("EFFLLM_COMMIT", "unknown")
+
+
+def environment() -> dict[str, Any]:
+  """Device, backend, library versions and commit: what every results file carries."""
+  import flax
+  dev = jax.devices()[0]
+  return {
+      "device": getattr(dev, "device_kind", str(dev)),
+      "backend": jax.default_backend(),
+      "num_devices": jax.device_count(),
+      "jax": jax.__version__,
+      "jaxlib": getattr(jax.lib, "__version__", None) or jax.__version__,
+      "flax": flax.__version__,
+      "python": platform.python_version(),
+      "commit": git_commit(),
+      "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
+
+
+def write_results(name: str, payload: dict[str, Any], out_dir: str | os.PathLike | None = None
+                  ) -> Path:
+  """Writes {environment, **payload} to <out_dir>/<name>_<backend>.json and returns the path.
+
+  out_dir defaults to $EFFLLM_RESULTS or results/ at the repository root.
+  """
+  out = Path(out_dir or os.environ.get("EFFLLM_RESULTS") or RESULTS_DIR)
+  out.mkdir(parents=True, exist_ok=True)
+  env = environment()
+  path = out / f"{name}_{env['backend']}.json"
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps({"name": name, "environment": env, **payload}, indent=2, default=str))
+  tmp.replace(path)
+  return path

@@ -1,0 +1,1 @@
+"""MPCache: KV eviction made cheap under secure multi-party computation (filled by the MPCache issue)."""
