@@ -1,0 +1,160 @@
+"""The command line: python -m experiments train|eval|generate|bench|list.
+
+    python -m experiments train quickstart                   # train (or resume) a config
+    python -m experiments train quickstart steps=50 name=q2  # with key=value overrides
+    python -m experiments eval runs/quickstart                # validation loss per chain scale
+    python -m experiments generate runs/quickstart --prompt "def main(" --max-new-tokens 64
+    python -m experiments bench train --preset base           # benchmarks write results/*.json
+    python -m experiments list                                # configs, benchmarks, runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+from pathlib import Path
+
+BENCHMARKS = {
+    "train": "experiments.bench_train",
+    "decode": "experiments.bench_decode",
+    "attention": "experiments.bench_attention",
+}
+
+
+def _cmd_train(args) -> int:
+  from experiments.config import load_config
+  from experiments.train import train
+  cfg = load_config(args.config, args.overrides)
+  out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
+  print(f"validation loss {out.get('val_loss', float('nan')):.4f} at step {out['step']} "
+        f"(run folder {out['run_dir']})")
+  if cfg.sample_tokens and out["step"] > 0:
+    from kvcache import generate
+    data = out["data"]
+    model = out["trainer"].model(out["params"])
+    prompt = data.encode(cfg.sample_prompt)
+    n = min(cfg.sample_tokens, model.cfg.max_seq_len - len(prompt))
+    new = generate(model, [prompt], max_new_tokens=n, stop_tokens=[data.eot_id])[0]
+    print(f"sample:\n{cfg.sample_prompt}{data.decode(new)}")
+  return 0
+
+
+def _run_dir(arg: str, overrides: list[str]) -> Path:
+  p = Path(arg)
+  if (p / "config.yaml").is_file():
+    return p
+  from experiments.config import load_config
+  cfg = load_config(arg, overrides)
+  return Path(cfg.out_dir) / cfg.name
+
+
+def _cmd_eval(args) -> int:
+  import numpy as np
+
+  from experiments.config import load_config
+  from experiments.train import Trainer, load_run, prepare_data
+  run_dir = _run_dir(args.target, args.overrides)
+  cfg, model, _, step = load_run(run_dir)
+  cfg = load_config(run_dir / "config.yaml", args.overrides)
+  data = prepare_data(cfg, progress=False)
+  from colm.params import split_params
+  _, params, _ = split_params(model)
+  n = model.cfg.num_chains
+  batches = args.batches or cfg.eval_batches
+  print(f"run {run_dir} at step {step}, {batches} validation batches of {cfg.batch_size}x"
+        f"{cfg.seq_len}")
+  from experiments.train import make_loss_fn
+  trainer = Trainer(cfg)
+  for k in range(1, n + 1):
+    import jax
+    fn = jax.jit(make_loss_fn(trainer.codec, num_chains=k))
+    losses = [float(fn(params, np.asarray(data.batch("val", i, cfg.batch_size, cfg.seq_len,
+                                                       cfg.seed), np.int32)))
+              for i in range(batches)]
+    val = float(np.mean(losses))
+    print(f"chains 1..{k}: val loss {val:.4f}  perplexity {math.exp(min(val, 50)):.2f}")
+  return 0
+
+
+def _cmd_generate(args) -> int:
+  from experiments.train import load_run
+  from kvcache import SamplingConfig, generate
+  cfg, model, tok, step = load_run(args.run_dir)
+  eot = tok.token_to_id("<|endoftext|>")
+  prompts = [tok.encode(p).ids for p in args.prompt]
+  sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+  outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                  seed=args.seed, stop_tokens=[eot] if eot is not None else [],
+                  num_chains=args.chains)
+  for p, o in zip(args.prompt, outs):
+    print(p + tok.decode(o))
+    print("-" * 40)
+  return 0
+
+
+def _cmd_bench(args) -> int:
+  if args.name not in BENCHMARKS:
+    raise SystemExit(f"unknown benchmark {args.name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+  mod = importlib.import_module(BENCHMARKS[args.name])
+  mod.main(args.rest)
+  return 0
+
+
+def _cmd_list(args) -> int:
+  from experiments.config import list_configs
+  print("configs:    " + ", ".join(list_configs()))
+  print("benchmarks: " + ", ".join(sorted(BENCHMARKS)))
+  runs = sorted(p.parent.name for p in Path(args.out_dir).glob("*/config.yaml"))
+  print("runs:       " + (", ".join(runs) if runs else "(none)"))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="cmd", required=True)
+  t = sub.add_parser("train", help="train or resume a run")
+  t.add_argument("config", help="config name under experiments/configs/ or a YAML path")
+  t.add_argument("overrides", nargs="*", help="key=value overrides")
+  t.add_argument("--stop-after", type=int, default=None, help="stop at this step (for tests)")
+  t.add_argument("--no-progress", action="store_true")
+  t.set_defaults(fn=_cmd_train)
+  e = sub.add_parser("eval", help="validation loss and perplexity per chain scale")
+  e.add_argument("target", help="run folder, or a config whose run folder to evaluate")
+  e.add_argument("overrides", nargs="*")
+  e.add_argument("--batches", type=int, default=0)
+  e.set_defaults(fn=_cmd_eval)
+  g = sub.add_parser("generate", help="sample from a trained run")
+  g.add_argument("run_dir")
+  g.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+  g.add_argument("--max-new-tokens", type=int, default=64)
+  g.add_argument("--temperature", type=float, default=0.0)
+  g.add_argument("--top-k", type=int, default=0)
+  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--chains", type=int, default=None, help="decode with the first k chains")
+  g.set_defaults(fn=_cmd_generate)
+  b = sub.add_parser("bench", help="run a benchmark (writes JSON)")
+  b.add_argument("name", help=", ".join(sorted(BENCHMARKS)))
+  b.add_argument("rest", nargs=argparse.REMAINDER)
+  b.set_defaults(fn=_cmd_bench)
+  lst = sub.add_parser("list", help="configs, benchmarks and runs")
+  lst.add_argument("--out-dir", default="runs")
+  lst.set_defaults(fn=_cmd_list)
+  return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  from experiments.checkpoint import CheckpointError
+  from experiments.config import ConfigError
+  try:
+    return args.fn(args)
+  except (ConfigError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except ValueError as e:  # bad input found before any work (prompt too long, empty corpus ...)
+    print(f"error: {e}", file=sys.stderr)
+    return 2

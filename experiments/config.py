@@ -1,0 +1,169 @@
+"""Run configuration: typed dataclasses read from YAML files through OmegaConf, validated.
+
+A config file under experiments/configs/ names a model preset plus field overrides, the data and
+the optimisation; `key=value` arguments override it (`model.chains=[16,16]`, `steps=500`). An
+unknown or mistyped key, a value of the wrong type, or an impossible combination is a one-line
+ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from colm.config import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+  """A bad configuration: the message names the key."""
+
+
+def _model_spec_fields():
+  """Every ModelConfig field as an optional override (None = the preset's value), plus `preset`."""
+  hints = typing.get_type_hints(ModelConfig)
+  fields = [("preset", str, dataclasses.field(default="small"))]
+  for f in dataclasses.fields(ModelConfig):
+    tp = hints[f.name]
+    if typing.get_origin(tp) is tuple:
+      tp = list[int]
+    fields.append((f.name, tp | None, dataclasses.field(default=None)))
+  return fields
+
+
+ModelSpec = dataclasses.make_dataclass("ModelSpec", _model_spec_fields())
+ModelSpec.__doc__ = "A model preset name plus optional overrides of any ModelConfig field."
+
+
+@dataclasses.dataclass
+class DataSpec:
+  """Where the text comes from (the tokenizer's vocabulary size is model.vocab_size)."""
+
+  source: str = "stdlib"  # 'stdlib' (the embedded corpus) or a path to a text file or folder
+  val_fraction: float = 0.05  # share of files held out for validation
+  max_bytes: int | None = None  # cap on corpus bytes, for quick runs
+  cache_dir: str = "runs/.data_cache"  # tokenizers and token memmaps, shared between runs
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything a training run needs; saved resolved as config.yaml in the run folder."""
+
+  name: str = "run"  # run folder: <out_dir>/<name>
+  out_dir: str = "runs"
+  seed: int = 0  # parameter init and batch order
+  model: Any = dataclasses.field(default_factory=ModelSpec)
+  data: DataSpec = dataclasses.field(default_factory=DataSpec)
+  steps: int = 1000  # optimizer steps in total
+  batch_size: int = 16  # sequences per step (global, over all devices)
+  seq_len: int = 256  # tokens per sequence
+  lr: float = 3e-3  # peak learning rate
+  min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+  warmup_steps: int = 100  # linear warm-up
+  weight_decay: float = 0.1  # AdamW decay on matrices (not norms)
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0  # global-norm clipping (0 = off)
+  log_every: int = 10  # train metrics to metrics.jsonl / TensorBoard
+  eval_every: int = 200  # validation loss
+  eval_batches: int = 8  # batches per validation
+  save_every: int = 200  # checkpoint interval
+  keep_checkpoints: int = 3  # newest checkpoints kept
+  mesh_data: int = -1  # data-parallel axis size (-1: all devices over fsdp)
+  mesh_fsdp: int = 1  # parameter-sharding axis size
+  max_minutes: float = 0.0  # stop (after a checkpoint) when this much wall time passed (0 = off)
+  sample_prompt: str = "def "  # printed sample at the end
+  sample_tokens: int = 64
+  peak_tflops: float = 989.0  # dense bf16 peak for MFU (H100/H200 SXM); ignored on CPU
+
+  def model_config(self) -> ModelConfig:
+    return build_model_config(self.model)
+
+
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def build_model_config(spec: Any) -> ModelConfig:
+  """ModelSpec (or a mapping) -> ModelConfig: the preset with the non-None fields applied."""
+  d = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else (
+      dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec))
+  preset = d.pop("preset", "small")
+  overrides = {k: (tuple(v) if k == "chains" else v) for k, v in d.items() if v is not None}
+  try:
+    return ModelConfig.preset(preset, **overrides)
+  except ValueError as e:
+    raise ConfigError(f"model: {e}") from None
+
+
+def _check(cfg: TrainConfig) -> None:
+  def need(cond, key, msg):
+    if not cond:
+      raise ConfigError(f"{key}: {msg}")
+
+  mc = cfg.model_config()
+  for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+              "save_every", "keep_checkpoints", "sample_tokens"):
+    need(getattr(cfg, key) > 0, key, f"must be positive, got {getattr(cfg, key)}")
+  need(cfg.seq_len <= mc.max_seq_len, "seq_len",
+       f"{cfg.seq_len} exceeds model.max_seq_len={mc.max_seq_len}")
+  need(cfg.lr > 0, "lr", f"must be positive, got {cfg.lr}")
+  need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+  need(0 <= cfg.warmup_steps < cfg.steps, "warmup_steps",
+       f"{cfg.warmup_steps} must be in [0, steps={cfg.steps})")
+  need(cfg.grad_clip >= 0, "grad_clip", f"must be >= 0, got {cfg.grad_clip}")
+  need(cfg.mesh_fsdp >= 1, "mesh_fsdp", f"must be >= 1, got {cfg.mesh_fsdp}")
+  need(cfg.mesh_data == -1 or cfg.mesh_data >= 1, "mesh_data", "must be -1 or >= 1")
+  need(0 < cfg.data.val_fraction <= 0.5, "data.val_fraction", "must be in (0, 0.5]")
+  need(cfg.data.max_bytes is None or cfg.data.max_bytes > 0, "data.max_bytes", "must be > 0")
+  need(mc.vocab_size >= 300, "model.vocab_size",
+       f"{mc.vocab_size} is too small for a byte-level BPE (>= 300)")
+  need("/" not in cfg.name and cfg.name not in ("", ".", ".."), "name",
+       f"{cfg.name!r} must be a plain folder name")
+
+
+def load_config(path_or_name: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+  """Reads a config file (a path, or a name under experiments/configs/), applies key=value
+  overrides, validates, and returns the typed TrainConfig. Raises ConfigError naming the key."""
+  schema = OmegaConf.structured(TrainConfig)
+  try:
+    merged = schema
+    if path_or_name is not None:
+      path = resolve_config_path(path_or_name)
+      merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    for o in overrides:
+      if "=" not in o:
+        raise ConfigError(f"override {o!r} is not key=value")
+    if overrides:
+      merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    cfg = OmegaConf.to_object(merged)
+  except OmegaConfBaseException as e:
+    key = getattr(e, "full_key", None) or "config"
+    msg = str(e).splitlines()[0]
+    raise ConfigError(f"{key}: {msg}") from None
+  _check(cfg)
+  return cfg
+
+
+def resolve_config_path(path_or_name: str | Path) -> Path:
+  p = Path(path_or_name)
+  if p.is_file():
+    return p
+  for cand in (CONFIG_DIR / f"{path_or_name}.yaml", CONFIG_DIR / str(path_or_name)):
+    if cand.is_file():
+      return cand
+  known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+  raise ConfigError(f"config: no file {path_or_name!r} (known configs: {', '.join(known)})")
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+  return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def list_configs() -> list[str]:
+  return sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))

@@ -1,0 +1,404 @@
+"""The training loop: AdamW + warmup/cosine, a jit step under a device mesh, eval, checkpoints.
+
+    python -m experiments train quickstart
+    python -m experiments train quickstart steps=2000 model.chains=[1,1]
+
+A run folder holds config.yaml, tokenizer.json, checkpoints/, metrics.jsonl, TensorBoard events
+and loss.png. Running the same config again resumes from the newest checkpoint: batches depend
+only on (seed, step), so the resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from colm.config import ModelConfig
+from colm.model import Decoder
+from colm.params import ParamCodec, Params
+from experiments.checkpoint import CheckpointError, Checkpoints
+from experiments.config import TrainConfig, to_yaml
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN or Inf."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces a notebook can use on their own.
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp') mesh over the devices; data=-1 takes all devices left over by fsdp."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if data == -1:
+    if n % fsdp:
+      raise ValueError(f"mesh_fsdp={fsdp} does not divide the {n} devices")
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"mesh_data={data} x mesh_fsdp={fsdp} != {n} devices")
+  return Mesh(np.array(devices).reshape(data, fsdp), ("data", "fsdp"))
+
+
+def param_sharding(x: jax.Array, mesh: Mesh) -> NamedSharding:
+  """FSDP: shard a tensor's largest axis divisible by the fsdp size; replicate the rest."""
+  f = mesh.shape["fsdp"]
+  spec = [None] * x.ndim
+  if f > 1:
+    for ax in sorted(range(x.ndim), key=lambda a: -x.shape[a]):
+      if x.shape[ax] % f == 0:
+        spec[ax] = "fsdp"
+        break
+  return NamedSharding(mesh, P(*spec))
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warm-up to cfg.lr, then cosine decay to lr * min_lr_ratio at cfg.steps."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, max(cfg.warmup_steps, 1), cfg.steps, end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """AdamW on lr_schedule; weight decay only on matrices; global-norm clipping."""
+  tx = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                   mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+  if cfg.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  return tx
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean token cross-entropy. logits [B, T, V] float32, targets [B, T] int."""
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.mean(logz - gold)
+
+
+def make_loss_fn(codec: ParamCodec, num_chains: int | None = None) -> Callable:
+  def loss_fn(params: Params, batch: jax.Array) -> jax.Array:
+    """batch: [B, T+1] int tokens; predicts tokens 1..T from 0..T-1."""
+    model = codec.merge(params)
+    return cross_entropy(model(batch[:, :-1], num_chains=num_chains), batch[:, 1:])
+  return loss_fn
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  def train_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return train_step
+
+
+@dataclasses.dataclass
+class TrainState:
+  """What a run carries between steps (and what a checkpoint holds)."""
+
+  step: int
+  params: Params
+  opt_state: Any
+
+
+class Trainer:
+  """Builds model, optimizer and jitted steps for a config on a mesh; `train` runs the loop."""
+
+  def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig | None = None,
+               mesh: Mesh | None = None):
+    self.cfg = cfg
+    self.model_cfg = model_cfg or cfg.model_config()
+    self.mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    n_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if cfg.batch_size % n_shards:
+      raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {n_shards} "
+                       "data-parallel shards of the mesh")
+    model = nnx.eval_shape(lambda: Decoder(self.model_cfg, rngs=nnx.Rngs(cfg.seed)))
+    self.codec = ParamCodec(model)
+    self.tx = make_optimizer(cfg)
+    abstract = self.codec.params(model)
+    self.param_shardings = {k: param_sharding(v, self.mesh) for k, v in abstract.items()}
+    self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp"), None))
+    self.loss_fn = make_loss_fn(self.codec)
+    self._step = jax.jit(make_train_step(self.loss_fn, self.tx), donate_argnums=(0, 1))
+    self._eval = jax.jit(self.loss_fn)
+
+  def init_state(self) -> TrainState:
+    """Fresh parameters (seeded) and optimizer state, placed with their shardings."""
+    def init():
+      params = self.codec.params(Decoder(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed)))
+      return params, self.tx.init(params)
+    abstract_p, abstract_o = jax.eval_shape(init)
+    opt_shardings = self._opt_shardings(abstract_o)
+    params, opt_state = jax.jit(init, out_shardings=(self.param_shardings, opt_shardings))()
+    return TrainState(0, params, opt_state)
+
+  def _opt_shardings(self, abstract_opt):
+    # Optimizer moments mirror the params; scalars (counts) are replicated.
+    repl = NamedSharding(self.mesh, P())
+    return jax.tree.map(lambda x: param_sharding(x, self.mesh) if x.ndim else repl, abstract_opt)
+
+  def abstract_state(self) -> dict[str, Any]:
+    def init():
+      params = self.codec.params(Decoder(self.model_cfg, rngs=nnx.Rngs(0)))
+      return {"params": params, "opt_state": self.tx.init(params)}
+    shapes = jax.eval_shape(init)
+    shardings = {"params": self.param_shardings,
+                 "opt_state": self._opt_shardings(shapes["opt_state"])}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+  def put_batch(self, batch: np.ndarray) -> jax.Array:
+    return jax.device_put(jnp.asarray(batch, jnp.int32), self.batch_sharding)
+
+  def step(self, state: TrainState, batch: np.ndarray) -> tuple[TrainState, dict]:
+    with self.mesh:
+      params, opt_state, metrics = self._step(state.params, state.opt_state, self.put_batch(batch))
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  def eval_loss(self, params: Params, batch: np.ndarray) -> jax.Array:
+    with self.mesh:
+      return self._eval(params, self.put_batch(batch))
+
+  def model(self, params: Params) -> Decoder:
+    return self.codec.merge(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+class _Logger:
+  """metrics.jsonl plus TensorBoard (if tensorboardX imports), written by process 0 only."""
+
+  def __init__(self, run_dir: Path, resume_step: int):
+    self.path = run_dir / "metrics.jsonl"
+    self.tb = None
+    if not _is_main():
+      return
+    if self.path.exists():  # drop rows past the checkpoint we resume from
+      rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+      keep = [r for r in rows if r.get("step", 0) <= resume_step]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
+    except ImportError:
+      pass
+
+  def log(self, row: dict) -> None:
+    if not _is_main():
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self.tb.add_scalar(k, v, row["step"])
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+  """loss.png from metrics.jsonl: train loss and validation loss against step."""
+  path = run_dir / "metrics.jsonl"
+  if not path.exists():
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+  va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  if tr:
+    ax.plot(*zip(*tr), label="train")
+  if va:
+    ax.plot(*zip(*va), "o-", label="validation")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_title(run_dir.name)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  out = run_dir / "loss.png"
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
+def prepare_data(cfg: TrainConfig, progress: bool = True):
+  from experiments.data import DataConfig, prepare
+  d = cfg.data
+  return prepare(DataConfig(source=d.source, vocab_size=cfg.model_config().vocab_size,
+                            val_fraction=d.val_fraction, max_bytes=d.max_bytes,
+                            cache_dir=d.cache_dir), progress=progress)
+
+
+def evaluate(trainer: Trainer, params: Params, data, batches: int, step_offset: int = 0) -> float:
+  """Mean validation loss over `batches` fixed batches (the same ones at every evaluation)."""
+  cfg = trainer.cfg
+  losses = [trainer.eval_loss(params, data.batch("val", step_offset + i, cfg.batch_size,
+                                                 cfg.seq_len, cfg.seed))
+            for i in range(batches)]
+  return float(np.mean([float(x) for x in losses]))
+
+
+def check_run_config(run_dir: Path, cfg: TrainConfig) -> None:
+  """A run folder may only be resumed with the same model: anything else is an error."""
+  saved = run_dir / "config.yaml"
+  if not saved.exists():
+    return
+  from experiments.config import load_config
+  old = load_config(saved)
+  if old.model_config() != cfg.model_config():
+    raise CheckpointError(f"{run_dir} holds a run of a different model configuration; choose "
+                          "another name= or delete the folder")
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = True,
+          data=None) -> dict[str, Any]:
+  """Trains (or resumes) the run described by cfg.
+
+  Args:
+    cfg: the run configuration.
+    stop_after: stop once this step is reached (after saving), as if the run were killed there.
+    progress: show a tqdm progress bar.
+    data: a prepared experiments.data.Dataset (built from cfg.data when None).
+  Returns:
+    {"step", "val_loss", "run_dir", ...} of the last evaluation.
+  """
+  run_dir = Path(cfg.out_dir) / cfg.name
+  check_run_config(run_dir, cfg)
+  trainer = Trainer(cfg)
+  data = data or prepare_data(cfg, progress)
+  if _is_main():
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    data.tokenizer.save(str(run_dir / "tokenizer.json"))
+  ckpt = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    step, restored, _ = ckpt.restore(trainer.abstract_state())
+    state = TrainState(step, restored["params"], restored["opt_state"])
+    print(f"resuming {run_dir} from step {step}")
+  else:
+    state = trainer.init_state()
+  log = _Logger(run_dir, state.step)
+  mc = trainer.model_cfg
+  print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind} "
+        f"(process {jax.process_index()}), mesh {dict(trainer.mesh.shape)}; "
+        f"model {mc.num_params() / 1e6:.2f}M params, chains={mc.chains}")
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  flops_per_step = mc.flops_per_token(cfg.seq_len) * tokens_per_step
+  on_gpu = jax.default_backend() == "gpu"
+
+  from tqdm.auto import tqdm
+  bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and _is_main()),
+             unit="step", dynamic_ncols=True)
+  pending: list[tuple[int, dict]] = []
+  t_start = time.time()
+  t_last, step_last = time.time(), state.step
+  result: dict[str, Any] = {"run_dir": str(run_dir)}
+  end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+
+  def flush():
+    """Fetches pending step metrics (one host sync), checks them, logs them."""
+    nonlocal t_last, step_last
+    if not pending:
+      return
+    rows = [(s, {k: float(v) for k, v in m.items()}) for s, m in pending]
+    pending.clear()
+    for s, m in rows:
+      if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+        raise TrainingDiverged(
+            f"loss is {m['loss']} at step {s} (grad norm {m['grad_norm']}); stopped. The last good "
+            f"checkpoint (step {ckpt.latest_step()}) in {run_dir} is intact: lower lr or "
+            "resume from it")
+    now = time.time()
+    tok_s = (state.step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+    t_last, step_last = now, state.step
+    s, m = rows[-1]
+    row = {"step": s, "loss": m["loss"], "grad_norm": m["grad_norm"],
+           "lr": float(lr_schedule(cfg)(s - 1)),
+           "tokens_per_s": tok_s, "elapsed_s": now - t_start}
+    if on_gpu:
+      row["mfu"] = tok_s / tokens_per_step * flops_per_step / (cfg.peak_tflops * 1e12)
+    log.log(row)
+    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+
+  try:
+    while state.step < end:
+      batch = data.batch("train", state.step, cfg.batch_size, cfg.seq_len, cfg.seed)
+      state, metrics = trainer.step(state, batch)
+      pending.append((state.step, metrics))
+      bar.update(1)
+      out_of_time = cfg.max_minutes and (time.time() - t_start) > 60 * cfg.max_minutes
+      last = state.step == end or out_of_time
+      if state.step % cfg.log_every == 0 or last:
+        flush()
+      if state.step % cfg.eval_every == 0 or last:
+        flush()
+        val = evaluate(trainer, state.params, data, cfg.eval_batches)
+        log.log({"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+        result.update(step=state.step, val_loss=val)
+        bar.write(f"step {state.step}: val loss {val:.4f}")
+      if state.step % cfg.save_every == 0 or last:
+        flush()
+        ckpt.save(state.step, {"params": state.params, "opt_state": state.opt_state},
+                  {"step": state.step, "model": dataclasses.asdict(mc)})
+      if out_of_time and not state.step == end:
+        bar.write(f"max_minutes={cfg.max_minutes} reached at step {state.step}; stopping "
+                  "(run again to resume)")
+        break
+  finally:
+    bar.close()
+    log.close()
+    ckpt.close()
+  if _is_main():
+    plot_losses(run_dir)
+  result["step"] = state.step
+  result["params"] = state.params
+  result["trainer"] = trainer
+  result["data"] = data
+  return result
+
+
+def load_run(run_dir: str | Path, step: int | None = None):
+  """Loads a run folder: (TrainConfig, Decoder with restored params, tokenizers.Tokenizer, step).
+
+  Raises CheckpointError for a missing folder, config, tokenizer or checkpoint.
+  """
+  from experiments.config import load_config
+  from experiments.data import load_tokenizer
+  run_dir = Path(run_dir)
+  if not (run_dir / "config.yaml").is_file():
+    raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
+  cfg = load_config(run_dir / "config.yaml")
+  if not (run_dir / "tokenizer.json").is_file():
+    raise CheckpointError(f"{run_dir} has no tokenizer.json")
+  trainer = Trainer(cfg, mesh=make_mesh(-1, 1))
+  ckpt = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+  try:
+    step, state, _ = ckpt.restore(trainer.abstract_state(), step)
+  finally:
+    ckpt.close()
+  return cfg, trainer.model(state["params"]), load_tokenizer(run_dir / "tokenizer.json"), step
