@@ -99,8 +99,9 @@ def corpus_files(source: str) -> list[pathlib.Path]:
     Absolute paths, sorted by their path relative to the source root.
   """
   root, is_stdlib = _source_root(source)
+  root = root.resolve()  # files are not resolved one by one: a symlinked file keeps its own name
   if root.is_file():
-    return [root.resolve()]
+    return [root]
   found = []
   for dirpath, dirnames, filenames in os.walk(root):  # does not follow symlinked folders
     dirnames[:] = [d for d in dirnames if not d.startswith(".")
@@ -111,7 +112,7 @@ def corpus_files(source: str) -> list[pathlib.Path]:
       path = pathlib.Path(dirpath, name)
       if path.is_file():
         found.append(path)
-  return sorted((p.resolve() for p in found), key=lambda p: _rel_key(p, root.resolve()))
+  return sorted(found, key=lambda p: _rel_key(p, root))
 
 
 def _rel_key(path: pathlib.Path, root: pathlib.Path) -> str:
