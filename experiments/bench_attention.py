@@ -1,0 +1,330 @@
+"""Block-sparse attention speed: dense causal and S2 layouts against cuDNN and JAX's Pallas mha.
+
+    python -m experiments bench attention                          # GPU: 4K..128K, all configs
+    python -m experiments.bench_attention --quick --out /tmp/res   # GPU: 4K and 8K
+    python -m experiments.bench_attention --seq 256 --batch 1 --heads 2 --repeats 2   # CPU smoke
+
+bf16, head_dim 128, batch x heads fixed. For each sequence length: (a) the dense causal layout
+through the block-sparse kernel, (b) the S2 layout (block 64, local window 512 tokens, vertical
+stride 8 and 16, a different offset per head), and the baselines cuDNN
+(jax.nn.dot_product_attention(implementation="cudnn"), causal) and JAX's Pallas Triton flash
+attention (ops/gpu/attention.mha, causal). Forward and forward+backward times are the median of
+--repeats host-timed calls after warm-up; TFLOP/s counts only the blocks computed (dense causal:
+the lower triangle). Backward = (forward+backward) - forward, at 2.5x the forward FLOPs.
+Correctness of the compiled kernels against the float32 reference runs first (--check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.results import write_results
+from pallas_kernels import (
+  BlockSparseTiles,
+  block_sparse_attention,
+  block_sparse_attention_reference,
+  block_sparse_decode_attention,
+  block_sparse_decode_attention_reference,
+  causal_layout,
+  s2_layout,
+)
+
+# DKernel (the S2 paper's Triton library) on one H200, B=4, H=16, E=128, bf16, block 64,
+# local 512, vertical stride 16: milliseconds by sequence length (from the issue).
+DKERNEL_MS = {"fwd": {8192: 0.58, 32768: 4.3, 65536: 13.7},
+              "bwd": {8192: 2.6, 32768: 18.0, 65536: 55.5}}
+
+
+def _time(fn, args, repeats: int, warmup: int = 2) -> float:
+  """Median wall-clock milliseconds of fn(*args) (synchronised), after warm-up calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def _fwd_and_fb(attn):
+  """(forward, forward+backward) jitted from attn(q, k, v) -> o."""
+  fwd = jax.jit(attn)
+
+  def fb(q, k, v, do):
+    o, vjp = jax.vjp(attn, q, k, v)
+    return vjp(do)
+  return fwd, jax.jit(fb)
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check_kernels(interpret: bool) -> dict:
+  """Compiled kernels vs the float32 reference on fresh random inputs: relative errors."""
+  seed = int(np.random.SeedSequence().entropy % 2**32)
+  rng = np.random.default_rng(seed)
+  out = {"seed": seed}
+  small = interpret
+  for name, dtype, T, lay in (("bf16_s2_gqa", jnp.bfloat16, 256 if small else 2048, "s2"),
+                              ("bf16_random_shared", jnp.bfloat16, 256 if small else 1024, "rnd"),
+                              ("f32_random_perhead", jnp.float32, 128 if small else 512, "rnd")):
+    B, H, K, E = 2, 4, 2, 128
+    bs = 64 if not small else 32
+    n = -(-T // bs)
+    if lay == "s2":
+      layout = s2_layout(H, n, local_blocks=2, vert_stride=4)
+    else:
+      layout = rng.random((1 if "shared" in name else H, n, n)) < 0.4
+      layout[0, rng.integers(n)] = False  # an empty query block
+    q, k, v, do = (jnp.asarray(rng.standard_normal(s), jnp.float32).astype(dtype)
+                   for s in ((B, T, H, E), (B, T, K, E), (B, T, K, E), (B, T, H, E)))
+    kern = lambda q, k, v, layout=layout, bs=bs: block_sparse_attention(
+        q, k, v, layout, block_size=bs, interpret=interpret)
+    ref = lambda q, k, v, layout=layout, bs=bs: block_sparse_attention_reference(
+        q, k, v, layout, block_size=bs)
+    try:
+      both = lambda q, k, v, do, f: (f(q, k, v), *jax.vjp(f, q, k, v)[1](do))
+      got = jax.jit(functools.partial(both, f=kern))(q, k, v, do)
+      f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+      want = jax.jit(functools.partial(both, f=ref))(*f32)
+      errs = {n_: _rel(g, w) for n_, g, w in zip(("o", "dq", "dk", "dv"), got, want)}
+      errs["nan"] = bool(any(np.isnan(np.asarray(g, np.float32)).any() for g in got))
+      tol = 1e-4 if dtype == jnp.float32 else 2e-2
+      errs["ok"] = bool(not errs["nan"] and max(errs[x] for x in ("o", "dq", "dk", "dv")) < tol)
+    except Exception as e:  # noqa: BLE001 - a failing lowering is a result too
+      traceback.print_exc()
+      errs = {"error": f"{type(e).__name__}: {e}"[:2000], "ok": False}
+    out[name] = errs
+  # Decode kernel.
+  try:
+    B, S, H, K, E, bs = 4, 4096 if not small else 256, 8, 2, 128, 64 if not small else 16
+    n = S // bs
+    q = jnp.asarray(rng.standard_normal((B, H, E)), jnp.bfloat16)
+    kc = jnp.asarray(rng.standard_normal((B, S, K, E)), jnp.bfloat16)
+    vc = jnp.asarray(rng.standard_normal((B, S, K, E)), jnp.bfloat16)
+    lengths = jnp.asarray(rng.integers(1, S + 1, B), jnp.int32)
+    layout = rng.random((B, H, n)) < 0.3
+    o = block_sparse_decode_attention(q, kc, vc, lengths, layout, block_size=bs,
+                                      interpret=interpret)
+    ro = block_sparse_decode_attention_reference(q, kc, vc, lengths, layout, block_size=bs)
+    out["decode_bf16"] = {"o": _rel(o, ro), "ok": _rel(o, ro) < 2e-2}
+  except Exception as e:  # noqa: BLE001
+    traceback.print_exc()
+    out["decode_bf16"] = {"error": f"{type(e).__name__}: {e}"[:2000], "ok": False}
+  return out
+
+
+def _computed_blocks(layout: np.ndarray, num_heads: int) -> int:
+  """Blocks computed per batch element: causal part of the layout summed over all heads."""
+  eff = layout & np.tril(np.ones(layout.shape[1:], bool))[None]
+  per_head = eff.sum(axis=(1, 2))
+  return int(per_head.sum() * (num_heads // layout.shape[0]))
+
+
+def _cases(T: int, H: int, dense_block: int, strides: list[int], local: int, tiles):
+  """(name, attention fn, forward FLOPs per batch element) of every implementation at T."""
+  E = 128
+  cases = []
+  dense_flops = 4.0 * H * E * T * (T + 1) / 2  # causal: the lower triangle
+  cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                       implementation="cudnn")
+  cases.append(("cudnn_dense", cudnn, dense_flops, None))
+  try:
+    from jax.experimental.pallas.ops.gpu import attention as jax_attention
+    mha = lambda q, k, v: jax_attention.mha(q, k, v, None, sm_scale=1 / math.sqrt(E), causal=True)
+    cases.append(("jax_pallas_mha", mha, dense_flops, None))
+  except Exception as e:  # noqa: BLE001
+    print(f"JAX Pallas mha unavailable: {e}")
+  n = T // dense_block
+  dense = causal_layout(n)
+  blocks = _computed_blocks(dense, H)
+  ours = lambda q, k, v, lay=dense, t=tiles: block_sparse_attention(
+      q, k, v, lay, block_size=dense_block, tiles=t)
+  cases.append((f"ours_dense_b{dense_block}", ours, 4.0 * E * blocks * dense_block**2, dense))
+  for stride in strides:
+    n = T // 64
+    lay = s2_layout(H, n, local_blocks=local // 64, vert_stride=stride)
+    blocks = _computed_blocks(lay, H)
+    s2 = lambda q, k, v, lay=lay, t=tiles: block_sparse_attention(q, k, v, lay, block_size=64,
+                                                                  tiles=t)
+    cases.append((f"ours_s2_vs{stride}", s2, 4.0 * E * blocks * 64**2, lay))
+  return cases
+
+
+def _sweep(B: int, H: int, repeats: int, T: int = 8192) -> list[dict]:
+  """Forward / backward time of S2 (stride 16) and dense layouts under a few launch settings."""
+  rows = []
+  E = 128
+  rng = np.random.default_rng(0)
+  q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, H, E)), jnp.bfloat16) for _ in range(4))
+  for bs, lay in ((64, s2_layout(H, T // 64, local_blocks=8, vert_stride=16)),
+                  (64, causal_layout(T // 64)), (128, causal_layout(T // 128))):
+    for wf, sf, wb, sb in ((4, 2, 4, 2), (4, 3, 4, 2), (8, 3, 8, 2), (4, 4, 8, 1)):
+      t = BlockSparseTiles(num_warps_fwd=wf, num_stages_fwd=sf, num_warps_bwd=wb,
+                           num_stages_bwd=sb)
+      attn = lambda q, k, v, lay=lay, t=t, bs=bs: block_sparse_attention(q, k, v, lay,
+                                                                         block_size=bs, tiles=t)
+      fwd, fb = _fwd_and_fb(attn)
+      flops = B * 4.0 * E * _computed_blocks(lay, H) * bs**2
+      try:
+        tf = _time(fwd, (q, k, v), repeats)
+        tfb = _time(fb, (q, k, v, do), repeats)
+        row = dict(T=T, block=bs, layout="s2" if lay.shape[0] > 1 else "dense", warps_fwd=wf,
+                   stages_fwd=sf, warps_bwd=wb, stages_bwd=sb, fwd_ms=tf, fb_ms=tfb,
+                   fwd_tflops=flops / tf / 1e9, bwd_tflops=2.5 * flops / max(tfb - tf, 1e-9) / 1e9)
+      except Exception as e:  # noqa: BLE001
+        row = dict(T=T, block=bs, warps_fwd=wf, stages_fwd=sf, error=f"{type(e).__name__}: {e}"[
+            :500])
+      print("sweep", row, flush=True)
+      rows.append(row)
+  return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for ax, key, title in ((axes[0], "fwd_tflops", "forward"), (axes[1], "bwd_tflops", "backward")):
+    for impl in sorted({r["impl"] for r in rows}):
+      pts = sorted((r["T"], r[key]) for r in rows if r["impl"] == impl and r.get(key))
+      if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("TFLOP/s on computed blocks")
+    ax.set_title(f"{title}, bf16, head_dim 128")
+    ax.grid(True, alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--seq", default="4096,8192,16384,32768,65536,131072",
+                 help="comma-separated sequence lengths")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median)")
+  p.add_argument("--strides", default="8,16", help="S2 vertical strides")
+  p.add_argument("--local", type=int, default=512, help="S2 local window in tokens")
+  p.add_argument("--dense-block", type=int, default=128, help="block of the dense causal layout")
+  p.add_argument("--dense-max", type=int, default=65536,
+                 help="longest sequence for the dense implementations (time grows as T^2)")
+  p.add_argument("--quick", action="store_true", help="4K and 8K only")
+  p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+  p.add_argument("--sweep", action="store_true", help="also sweep launch settings at 8K")
+  p.add_argument("--budget", type=float, default=1e9, help="stop starting new sizes after this "
+                 "many seconds")
+  p.add_argument("--warps-fwd", type=int, default=None)
+  p.add_argument("--stages-fwd", type=int, default=3)
+  p.add_argument("--warps-bwd", type=int, default=None)
+  p.add_argument("--stages-bwd", type=int, default=2)
+  p.add_argument("--out", default=None, help="results folder (default results/)")
+  args = p.parse_args(argv)
+  t_start = time.perf_counter()
+  seqs = [4096, 8192] if args.quick else [int(s) for s in args.seq.split(",")]
+  strides = [int(s) for s in args.strides.split(",")]
+  gpu = jax.default_backend() == "gpu"
+  tiles = BlockSparseTiles(num_warps_fwd=args.warps_fwd, num_stages_fwd=args.stages_fwd,
+                           num_warps_bwd=args.warps_bwd, num_stages_bwd=args.stages_bwd)
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+  payload: dict = {"config": vars(args), "dkernel_h200_ms": DKERNEL_MS, "rows": []}
+  if not args.no_check:
+    payload["check"] = check_kernels(interpret=not gpu)
+    print("check", payload["check"], flush=True)
+  if args.sweep and gpu:
+    payload["sweep"] = _sweep(args.batch, args.heads, args.repeats)
+  out_dir = Path(args.out) if args.out else None
+  B, H, E = args.batch, args.heads, 128
+  rng = np.random.default_rng()
+  for T in seqs:
+    if time.perf_counter() - t_start > args.budget:
+      print(f"budget reached: skipping T={T} and longer", flush=True)
+      break
+    q, k, v, do = (jnp.asarray(rng.standard_normal((B, T, H, E)), jnp.bfloat16)
+                   for _ in range(4))
+    for impl, attn, flops, _ in _cases(T, H, args.dense_block, strides, args.local, tiles):
+      if (not gpu and impl in ("cudnn_dense", "jax_pallas_mha")) or (
+          T > args.dense_max and ("dense" in impl or impl == "jax_pallas_mha")):
+        continue
+      flops = B * flops
+      row = {"impl": impl, "T": T, "fwd_gflop": flops / 1e9}
+      try:
+        fwd, fb = _fwd_and_fb(attn)
+        row["fwd_ms"] = _time(fwd, (q, k, v), args.repeats)
+        row["fb_ms"] = _time(fb, (q, k, v, do), args.repeats)
+        row["bwd_ms"] = row["fb_ms"] - row["fwd_ms"]
+        row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+        row["bwd_tflops"] = 2.5 * flops / max(row["bwd_ms"], 1e-9) / 1e9
+        row["fb_tflops"] = 3.5 * flops / row["fb_ms"] / 1e9
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row["error"] = f"{type(e).__name__}: {e}"[:1000]
+      print(row, flush=True)
+      payload["rows"].append(row)
+    del q, k, v, do
+    _summarise(payload)
+    path = write_results("attention", payload, out_dir)  # after every size: partial results
+  path = write_results("attention", payload, out_dir)
+  _plot(payload["rows"], path.with_suffix(".png"))
+  _print_table(payload)
+  return payload
+
+
+def _summarise(payload: dict) -> None:
+  """Speed-ups over cuDNN dense against the ideal (dense blocks / computed blocks)."""
+  by = {(r["impl"], r["T"]): r for r in payload["rows"] if "fwd_ms" in r}
+  summary = []
+  for (impl, T), r in sorted(by.items()):
+    dense = by.get(("cudnn_dense", T))
+    if not impl.startswith("ours_s2") or dense is None:
+      continue
+    ideal = dense["fwd_gflop"] / r["fwd_gflop"]
+    s = {"impl": impl, "T": T, "ideal": ideal,
+         "fwd_speedup": dense["fwd_ms"] / r["fwd_ms"], "bwd_speedup": dense["bwd_ms"] / r["bwd_ms"]}
+    s["fwd_of_ideal"] = s["fwd_speedup"] / ideal
+    s["bwd_of_ideal"] = s["bwd_speedup"] / ideal
+    s["fwd_vs_cudnn_tflops"] = r["fwd_tflops"] / dense["fwd_tflops"]
+    s["bwd_vs_cudnn_tflops"] = r["bwd_tflops"] / dense["bwd_tflops"]
+    if impl == "ours_s2_vs16" and T in DKERNEL_MS["fwd"]:
+      s["dkernel_fwd_ms"] = DKERNEL_MS["fwd"][T]
+      s["dkernel_bwd_ms"] = DKERNEL_MS["bwd"][T]
+    summary.append(s)
+  payload["summary"] = summary
+
+
+def _print_table(payload: dict) -> None:
+  print(f"\n{'impl':<20}{'T':>8}{'fwd ms':>10}{'fwd TF/s':>10}{'bwd ms':>10}{'bwd TF/s':>10}")
+  for r in payload["rows"]:
+    if "fwd_ms" in r:
+      print(f"{r['impl']:<20}{r['T']:>8}{r['fwd_ms']:>10.3f}{r['fwd_tflops']:>10.1f}"
+            f"{r['bwd_ms']:>10.3f}{r['bwd_tflops']:>10.1f}")
+    else:
+      print(f"{r['impl']:<20}{r['T']:>8}  error: {r.get('error', '')[:60]}")
+  for s in payload.get("summary", []):
+    extra = (f"  DKernel fwd {s['dkernel_fwd_ms']} ms bwd {s['dkernel_bwd_ms']} ms"
+             if "dkernel_fwd_ms" in s else "")
+    print(f"{s['impl']:<14}{s['T']:>7} ideal {s['ideal']:5.1f}x  fwd {s['fwd_speedup']:5.1f}x "
+          f"({s['fwd_of_ideal']:.2f})  bwd {s['bwd_speedup']:5.1f}x ({s['bwd_of_ideal']:.2f})"
+          f"{extra}")
+  if "check" in payload:
+    print("check ok:", {k: v.get("ok") for k, v in payload["check"].items() if isinstance(v, dict)})
+
+
+if __name__ == "__main__":
+  main()
