@@ -70,8 +70,11 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
     if self.attn_impl not in ATTN_IMPLS:
       raise ValueError(f"attn_impl={self.attn_impl!r}; choose one of {ATTN_IMPLS}")
-    resolve_dtype(self.dtype)
-    resolve_dtype(self.param_dtype)
+    for name in ("dtype", "param_dtype"):
+      try:
+        resolve_dtype(getattr(self, name))
+      except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     # Derived splits raise a ValueError naming the field when a chain split is not integral.
     self.chain_dims, self.chain_heads, self.chain_kv_heads, self.chain_ffn  # noqa: B018
     for i, (h, kv) in enumerate(zip(self.chain_heads, self.chain_kv_heads)):
@@ -147,14 +150,14 @@ class ModelConfig:
   def base(cls, **kw) -> ModelConfig:
     """About 125M parameters, for the GPU."""
     base = dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, head_dim=64,
-                ffn_dim=2048, max_seq_len=1024, dtype="bfloat16")
+                ffn_dim=3072, max_seq_len=1024, dtype="bfloat16")
     return cls(**{**base, **kw})
 
   @classmethod
   def large(cls, **kw) -> ModelConfig:
     """About 1B parameters: the decode-roofline configuration."""
-    base = dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8,
-                head_dim=128, ffn_dim=5632, max_seq_len=2048, dtype="bfloat16")
+    base = dict(vocab_size=32768, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                head_dim=64, ffn_dim=5632, max_seq_len=2048, dtype="bfloat16")
     return cls(**{**base, **kw})
 
   @classmethod

@@ -48,6 +48,28 @@ class ChainLinear(nnx.Module):
     return outs[0] if k == 1 else jnp.concatenate(outs, axis=-1)
 
 
+def fused_chain_linear(layers: list[ChainLinear], x: jax.Array, num_chains: int | None = None,
+                       dtype=None) -> list[jax.Array]:
+  """Applies several ChainLinears with the same input chains as one matmul per chain.
+
+  Equal to [l(x, num_chains, dtype) for l in layers]; the kernels of chain i are concatenated
+  at call time (a small copy of weights) so the activations are read once (q|k|v, gate|up).
+  """
+  k = len(layers[0].kernels) if num_chains is None else num_chains
+  cin = cumsum(layers[0].in_dims)
+  if any(l.in_dims != layers[0].in_dims for l in layers):
+    raise ValueError("fused_chain_linear needs layers with the same input chains")
+  dtype = dtype or x.dtype
+  pieces: list[list[jax.Array]] = [[] for _ in layers]
+  for i in range(k):
+    w = jnp.concatenate([l.kernels[i][...].astype(dtype) for l in layers], axis=1)
+    y = jnp.dot(x[..., : cin[i]].astype(dtype), w)
+    splits = list(itertools.accumulate(l.out_dims[i] for l in layers))[:-1]
+    for j, part in enumerate(jnp.split(y, splits, axis=-1)):
+      pieces[j].append(part)
+  return [p[0] if k == 1 else jnp.concatenate(p, axis=-1) for p in pieces]
+
+
 class ChainRMSNorm(nnx.Module):
   """RMSNorm applied to each chain's slice on its own, so chain i never sees chains > i."""
 

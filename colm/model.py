@@ -14,7 +14,7 @@ from flax import nnx
 
 from colm.attention import decode_attention, get_attention
 from colm.config import ModelConfig, resolve_dtype
-from colm.layers import ChainLinear, ChainRMSNorm, cumsum, rope
+from colm.layers import ChainLinear, ChainRMSNorm, cumsum, fused_chain_linear, rope
 
 LayerKV = tuple[jax.Array, jax.Array]  # k, v: [B, K, S, E]
 
@@ -55,9 +55,9 @@ class Attention(nnx.Module):
     cfg, dt = self.cfg, x.dtype
     b, t = x.shape[:2]
     h, kh = sum(cfg.chain_heads[:k]), sum(cfg.chain_kv_heads[:k])
-    q = self.q(x, k, dt).reshape(b, t, h, cfg.head_dim)
-    kk = self.k(x, k, dt).reshape(b, t, kh, cfg.head_dim)
-    vv = self.v(x, k, dt).reshape(b, t, kh, cfg.head_dim)
+    q, kk, vv = fused_chain_linear([self.q, self.k, self.v], x, k, dt)
+    q = q.reshape(b, t, h, cfg.head_dim)
+    kk, vv = kk.reshape(b, t, kh, cfg.head_dim), vv.reshape(b, t, kh, cfg.head_dim)
     return rope(q, positions, cfg.rope_theta), rope(kk, positions, cfg.rope_theta), vv
 
   def __call__(self, x: jax.Array, positions: jax.Array, num_chains: int,
@@ -93,7 +93,8 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x: jax.Array, num_chains: int) -> jax.Array:
     """x: [B, T, D_k] -> [B, T, D_k]."""
-    return self.down(jax.nn.silu(self.gate(x, num_chains)) * self.up(x, num_chains), num_chains)
+    gate, up = fused_chain_linear([self.gate, self.up], x, num_chains)
+    return self.down(jax.nn.silu(gate) * up, num_chains)
 
 
 class Block(nnx.Module):
@@ -149,12 +150,16 @@ class Decoder(nnx.Module):
     width = cumsum(self.cfg.chain_dims)[num_chains - 1]
     return self.embed[...][:, :width].astype(resolve_dtype(self.cfg.dtype))[tokens]
 
-  def logits(self, h: jax.Array, num_chains: int) -> jax.Array:
-    """Final per-chain norm and the LM head of scale k. h: [..., D_k] -> [..., V] float32."""
+  def logits(self, h: jax.Array, num_chains: int, dtype=jnp.float32) -> jax.Array:
+    """Final per-chain norm and the LM head of scale k. h: [..., D_k] -> [..., V] in dtype.
+
+    Training asks for the compute dtype (bf16 logits halve the largest activation's traffic;
+    the loss upcasts inside its reduction); decoding gets float32.
+    """
     width = h.shape[-1]
     h = self.final_norm(h, num_chains)
     w = self.embed[...][:, :width].T if self.head is None else self.head[...][:width]
-    return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32).astype(dtype)
 
   def hidden(self, tokens: jax.Array, *, num_chains: int | None = None,
              positions: jax.Array | None = None) -> jax.Array:
@@ -169,10 +174,10 @@ class Decoder(nnx.Module):
     return x
 
   def __call__(self, tokens: jax.Array, *, num_chains: int | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    """Full causal forward. tokens [B, T] int -> logits [B, T, V] float32."""
+               positions: jax.Array | None = None, logits_dtype=jnp.float32) -> jax.Array:
+    """Full causal forward. tokens [B, T] int -> logits [B, T, V] (float32 by default)."""
     k = self._chains(num_chains)
-    return self.logits(self.hidden(tokens, num_chains=k, positions=positions), k)
+    return self.logits(self.hidden(tokens, num_chains=k, positions=positions), k, logits_dtype)
 
   def forward_cached(self, tokens: jax.Array, positions: jax.Array, kv: tuple[LayerKV, ...],
                      num_chains: int | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:

@@ -16,7 +16,7 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 
 
 def git_commit() -> str:
-  """The commit of the working tree (with '+dirty' when it has uncommitted changes), or 'unknown'."""
+  """The commit of the working tree ('+dirty' when it has uncommitted changes), or 'unknown'."""
   root = Path(__file__).resolve().parent.parent
   try:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,

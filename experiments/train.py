@@ -83,6 +83,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Mean token cross-entropy. logits [B, T, V] float32, targets [B, T] int."""
+  logits = logits.astype(jnp.float32)  # fused into the reductions: bf16 logits stay bf16 in HBM
   logz = jax.nn.logsumexp(logits, axis=-1)
   gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return jnp.mean(logz - gold)
@@ -92,7 +93,8 @@ def make_loss_fn(codec: ParamCodec, num_chains: int | None = None) -> Callable:
   def loss_fn(params: Params, batch: jax.Array) -> jax.Array:
     """batch: [B, T+1] int tokens; predicts tokens 1..T from 0..T-1."""
     model = codec.merge(params)
-    return cross_entropy(model(batch[:, :-1], num_chains=num_chains), batch[:, 1:])
+    logits = model(batch[:, :-1], num_chains=num_chains, logits_dtype=model.cfg.dtype)
+    return cross_entropy(logits, batch[:, 1:])
   return loss_fn
 
 

@@ -56,8 +56,8 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, token: jax.Array, cac
   return _step(nnx.merge(graphdef, params), token, cache, num_chains)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_chains", "max_new_tokens", "sampling"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, donate_argnames=("cache",),
+                   static_argnames=("graphdef", "num_chains", "max_new_tokens", "sampling"))
 def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, first: jax.Array, cache: KVCache,
                 key: jax.Array, stop_tokens: jax.Array, *, max_new_tokens: int,
                 sampling: SamplingConfig, num_chains: int | None = None):
