@@ -21,11 +21,15 @@ BENCHMARKS = {
     "decode": "experiments.bench_decode",
     "attention": "experiments.bench_attention",
 }
+TOOLS = {"report": "experiments.report"}
 
 
 def _cmd_train(args) -> int:
   from experiments.config import load_config
   from experiments.train import train
+  if args.distributed:  # several hosts: coordinator and process ids from the environment
+    import jax
+    jax.distributed.initialize()
   cfg = load_config(args.config, args.overrides)
   out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
   print(f"validation loss {out.get('val_loss', float('nan')):.4f} at step {out['step']} "
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("overrides", nargs="*", help="key=value overrides")
   t.add_argument("--stop-after", type=int, default=None, help="stop at this step (for tests)")
   t.add_argument("--no-progress", action="store_true")
+  t.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() first (multi-host runs)")
   t.set_defaults(fn=_cmd_train)
   e = sub.add_parser("eval", help="validation loss and perplexity per chain scale")
   e.add_argument("target", help="run folder, or a config whose run folder to evaluate")
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("name", help=", ".join(sorted(BENCHMARKS)))
   b.add_argument("rest", nargs=argparse.REMAINDER)
   b.set_defaults(fn=_cmd_bench)
+  r = sub.add_parser("report", help="regenerate the README's result tables from results/*.json")
+  r.add_argument("rest", nargs=argparse.REMAINDER)
+  r.set_defaults(fn=lambda a: importlib.import_module(TOOLS["report"]).main(a.rest) or 0)
   lst = sub.add_parser("list", help="configs, benchmarks and runs")
   lst.add_argument("--out-dir", default="runs")
   lst.set_defaults(fn=_cmd_list)

@@ -164,7 +164,19 @@ class Trainer:
                         shapes, shardings)
 
   def put_batch(self, batch: np.ndarray) -> jax.Array:
-    return jax.device_put(jnp.asarray(batch, jnp.int32), self.batch_sharding)
+    """The global batch [B, T+1] onto the mesh, batch axis over ('data', 'fsdp').
+
+    Every process computes the same global batch (it depends only on seed and step); with
+    several processes each contributes its own rows, as jax.make_array_from_process_local_data
+    expects.
+    """
+    batch = np.asarray(batch, np.int32)
+    if jax.process_count() == 1:
+      return jax.device_put(batch, self.batch_sharding)
+    n, i = jax.process_count(), jax.process_index()
+    rows = batch.shape[0] // n
+    return jax.make_array_from_process_local_data(
+        self.batch_sharding, batch[i * rows:(i + 1) * rows], batch.shape)
 
   def step(self, state: TrainState, batch: np.ndarray) -> tuple[TrainState, dict]:
     with self.mesh:
