@@ -51,7 +51,7 @@ class ModelConfig:
   rope_theta: float = 10000.0  # RoPE base
   norm_eps: float = 1e-6  # RMSNorm epsilon
   max_seq_len: int = 256  # longest context the model is trained / decoded with
-  attn_impl: str = "auto"  # 'reference' (jnp), 'xla', 'cudnn', 'auto' (cudnn on GPU, else reference)
+  attn_impl: str = "auto"  # 'reference' (jnp), 'xla', 'cudnn', 'auto' (GPU: cudnn, else reference)
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # parameter storage dtype
   init_std: float = 0.02  # normal init of all weights

@@ -21,7 +21,8 @@ LayerKV = tuple[jax.Array, jax.Array]  # k, v: [B, K, S, E]
 
 def _write_prefill(cache: jax.Array, new: jax.Array) -> jax.Array:
   """cache [B, K, S, E] <- new [B, T, k, E] at positions 0..T-1 of the first k heads."""
-  return cache.at[:, : new.shape[2], : new.shape[1]].set(new.transpose(0, 2, 1, 3).astype(cache.dtype))
+  upd = new.transpose(0, 2, 1, 3).astype(cache.dtype)
+  return cache.at[:, : new.shape[2], : new.shape[1]].set(upd)
 
 
 def _write_token(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
