@@ -39,21 +39,25 @@ def make_model(seed: int, **kw) -> Decoder:
   return random_module(lambda: Decoder(cfg, rngs=nnx.Rngs(0)), seed)
 
 
-def tokens_for(cfg: ModelConfig, seed: int, shape=(2, 9)) -> jax.Array:
+def tokens_for(cfg: ModelConfig, seed: int, shape) -> jax.Array:
+  """Random ids; the chain tests all use shape (2, 9) so they share compiled forwards."""
   return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size, jnp.int32)
 
 
 @functools.cache
-def _jitted(graphdef, method: str, num_chains):
+def _jitted(graphdef, num_chains):
   def f(state, tokens):
-    return getattr(nnx.merge(graphdef, state), method)(tokens, num_chains=num_chains)
+    model = nnx.merge(graphdef, state)
+    return model.hidden(tokens, num_chains=num_chains), model(tokens, num_chains=num_chains)
   return jax.jit(f)
 
 
 def run(model: Decoder, tokens, method: str = "__call__", num_chains=None, state=None):
-  """model.<method>(tokens, num_chains=...) compiled once per (graph, method, k)."""
+  """model.hidden or model.__call__ (tokens, num_chains=...): both come from one compiled
+  function per (graph, k), since XLA compiles dominate the run time."""
   graphdef, st = nnx.split(model)
-  return np.asarray(_jitted(graphdef, method, num_chains)(st if state is None else state, tokens))
+  hidden, logits = _jitted(graphdef, num_chains)(st if state is None else state, tokens)
+  return np.asarray(hidden if method == "hidden" else logits)
 
 
 # --- 1. chains=(1,) equals an independent float64 NumPy LLaMA --------------------------------
@@ -168,7 +172,7 @@ def _perturb_chains_from(model: Decoder, j: int, seed: int):
 def test_later_chains_do_not_affect_earlier_hidden(kw, tie, seed):
   model = make_model(seed, tie_embeddings=tie, **kw)
   cfg = model.cfg
-  tokens = tokens_for(cfg, seed + 7, (2, 10))
+  tokens = tokens_for(cfg, seed + 7, (2, 9))
   base = run(model, tokens, "hidden", state=nnx.state(model))
   bounds = cumsum(cfg.chain_dims)
   for j in range(1, cfg.num_chains):
@@ -177,7 +181,7 @@ def test_later_chains_do_not_affect_earlier_hidden(kw, tie, seed):
     assert np.all(got[..., bounds[j - 1]:] != base[..., bounds[j - 1]:])  # the perturbation bites
 
 
-@pytest.mark.parametrize("kw, seed", [(CFG_11, 5), (CFG_121, 6)])
+@pytest.mark.parametrize("kw, seed", [(CFG_121, 6)])
 def test_block_jacobian_is_chain_causal(kw, seed):
   """d block(x)[chain i] / d x[chain j] == 0 for j > i at every pair of positions."""
   cfg = ModelConfig.tiny(**kw)
@@ -204,12 +208,12 @@ def test_block_jacobian_is_chain_causal(kw, seed):
 def test_k_chain_hidden_is_prefix_of_full(kw, tie, seed):
   model = make_model(seed, tie_embeddings=tie, **kw)
   cfg = model.cfg
-  tokens = tokens_for(cfg, seed + 3, (3, 8))
+  tokens = tokens_for(cfg, seed + 3, (2, 9))
   full = run(model, tokens, "hidden")
   bounds = cumsum(cfg.chain_dims)
   for k in range(1, cfg.num_chains):
     part = run(model, tokens, "hidden", num_chains=k)
-    assert part.shape == (3, 8, bounds[k - 1])
+    assert part.shape == (2, 9, bounds[k - 1])
     np.testing.assert_allclose(part, full[..., : bounds[k - 1]], rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="num_chains"):
     model(tokens, num_chains=cfg.num_chains + 1)
