@@ -7,6 +7,8 @@ Pallas block-sparse kernel, S2-Attention) register their own with `register_atte
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
 
 import jax
@@ -14,6 +16,9 @@ import jax.numpy as jnp
 
 AttentionFn = Callable[..., jax.Array]
 _REGISTRY: dict[str, AttentionFn] = {}
+_FACTORIES: dict[str, Callable[..., AttentionFn]] = {}
+# Implementations living in other packages, imported on first use (they register themselves).
+PLUGINS: dict[str, str] = {"s2": "s2attn.attention"}
 
 
 def register_attention(name: str, fn: AttentionFn) -> AttentionFn:
@@ -22,12 +27,54 @@ def register_attention(name: str, fn: AttentionFn) -> AttentionFn:
   return fn
 
 
-def get_attention(name: str) -> AttentionFn:
-  """Looks up an attention function; 'auto' is cuDNN on GPU and the jnp reference elsewhere."""
+def register_attention_factory(name: str, factory: Callable[..., AttentionFn]) -> None:
+  """Makes `factory(**options)` selectable as attn_impl='name:key=value,key=value' (e.g. a
+  sparse pattern's parameters); the options are ints, floats, booleans or strings."""
+  _REGISTRY.pop(name, None)
+  _FACTORIES[name] = factory
+
+
+def parse_attention_spec(spec: str) -> tuple[str, dict[str, object]]:
+  """'s2:vert_stride=8,local_blocks=4' -> ('s2', {'vert_stride': 8, 'local_blocks': 4})."""
+  name, _, rest = spec.partition(":")
+  opts: dict[str, object] = {}
+  for item in filter(None, rest.split(",")):
+    key, eq, val = item.partition("=")
+    if not eq or not key.strip():
+      raise ValueError(f"attention spec {spec!r}: option {item!r} is not key=value")
+    val = val.strip()
+    for conv in (int, float):
+      try:
+        opts[key.strip()] = conv(val)
+        break
+      except ValueError:
+        continue
+    else:
+      opts[key.strip()] = {"true": True, "false": False}.get(val.lower(), val)
+  return name.strip(), opts
+
+
+def known_attention() -> list[str]:
+  """Names an attention spec may start with."""
+  return sorted(set(_REGISTRY) | set(_FACTORIES) | set(PLUGINS) | {"auto"})
+
+
+@functools.lru_cache(maxsize=None)
+def get_attention(spec: str) -> AttentionFn:
+  """Looks up an attention function by name or 'name:options'; 'auto' is cuDNN on GPU and the
+  jnp reference elsewhere. An unknown name is a ValueError listing the known ones."""
+  name, opts = parse_attention_spec(spec)
   if name == "auto":
     name = "cudnn" if jax.default_backend() == "gpu" else "reference"
+  if name in PLUGINS and name not in _FACTORIES and name not in _REGISTRY:
+    importlib.import_module(PLUGINS[name])
+  if name in _FACTORIES:
+    return _FACTORIES[name](**opts)
   if name not in _REGISTRY:
-    raise ValueError(f"unknown attention implementation {name!r}; known: {sorted(_REGISTRY)}")
+    raise ValueError(f"unknown attention implementation {spec!r}; known: "
+                     f"{known_attention()}")
+  if opts:
+    raise ValueError(f"attention implementation {name!r} takes no options, got {spec!r}")
   return _REGISTRY[name]
 
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ATTN_IMPLS = ("reference", "xla", "cudnn", "auto")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -52,6 +51,7 @@ class ModelConfig:
   norm_eps: float = 1e-6  # RMSNorm epsilon
   max_seq_len: int = 256  # longest context the model is trained / decoded with
   attn_impl: str = "auto"  # 'reference' (jnp), 'xla', 'cudnn', 'auto' (GPU: cudnn, else reference)
+  layer_attn: tuple[str, ...] = ()  # per-layer attention specs (hybrid stacks); () = attn_impl
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # parameter storage dtype
   init_std: float = 0.02  # normal init of all weights
@@ -68,8 +68,15 @@ class ModelConfig:
       raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-    if self.attn_impl not in ATTN_IMPLS:
-      raise ValueError(f"attn_impl={self.attn_impl!r}; choose one of {ATTN_IMPLS}")
+    object.__setattr__(self, "layer_attn", tuple(str(a) for a in self.layer_attn))
+    if self.layer_attn and len(self.layer_attn) != self.n_layers:
+      raise ValueError(f"layer_attn has {len(self.layer_attn)} entries for n_layers="
+                       f"{self.n_layers}")
+    from colm.attention import known_attention, parse_attention_spec
+    for spec in (self.attn_impl, *self.layer_attn):
+      if parse_attention_spec(spec)[0] not in known_attention():
+        raise ValueError(f"attn_impl: unknown attention implementation {spec!r}; known: "
+                         f"{known_attention()}")
     for name in ("dtype", "param_dtype"):
       try:
         resolve_dtype(getattr(self, name))

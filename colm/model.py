@@ -120,13 +120,17 @@ class Decoder(nnx.Module):
   Args:
     cfg: the model configuration.
     rngs: parameter initialisation keys.
-    attn_impls: optional attention implementation per layer (hybrid stacks); default cfg.attn_impl.
+    attn_impls: optional attention implementation per layer (hybrid stacks); default
+      cfg.layer_attn, else cfg.attn_impl everywhere.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
                attn_impls: tuple[str, ...] | None = None):
+    attn_impls = attn_impls or cfg.layer_attn or None
     if attn_impls is not None and len(attn_impls) != cfg.n_layers:
       raise ValueError(f"attn_impls has {len(attn_impls)} entries for {cfg.n_layers} layers")
+    for spec in attn_impls or (cfg.attn_impl,):
+      get_attention(spec)  # an unknown implementation fails here, not at the first call
     pd = resolve_dtype(cfg.param_dtype)
     self.cfg = cfg
     self.embed = nnx.Param(

@@ -21,7 +21,8 @@ from experiments.train import Trainer
 
 
 def time_train_step(preset: str, chains: tuple[int, ...], batch: int, seq: int, steps: int,
-                    warmup: int, dtype: str, attn: str, overrides: dict | None = None) -> dict:
+                    warmup: int, dtype: str, attn: str, overrides: dict | None = None,
+                    breakdown: bool = False) -> dict:
   """Median step time of `steps` timed steps after `warmup` (each step synchronised)."""
   spec = ModelSpec(preset=preset, chains=list(chains), dtype=dtype, attn_impl=attn,
                    max_seq_len=seq, **(overrides or {}))
@@ -46,12 +47,25 @@ def time_train_step(preset: str, chains: tuple[int, ...], batch: int, seq: int, 
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
   tokens = batch * seq
+  parts = {}
+  if breakdown:  # where the step's time goes: forward loss alone, forward + backward
+    b = trainer.put_batch(batches[0])
+    fwd = jax.jit(trainer.loss_fn)
+    grad = jax.jit(jax.value_and_grad(trainer.loss_fn))
+    for name, fn in (("forward_ms", fwd), ("forward_backward_ms", grad)):
+      jax.block_until_ready(fn(state.params, b))
+      ts = []
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(state.params, b))
+        ts.append(time.perf_counter() - t0)
+      parts[name] = 1e3 * float(np.median(ts))
   flops = mc.flops_per_token(seq) * tokens
   return {"preset": preset, "chains": list(chains), "batch": batch, "seq_len": seq,
           "dtype": dtype, "attn_impl": attn, "params": mc.num_params(),
           "compile_s": compile_s, "step_ms": 1e3 * step_s,
           "step_ms_min": 1e3 * float(np.min(times)), "tokens_per_s": tokens / step_s,
-          "model_tflops_per_s": flops / step_s / 1e12, "loss_last": float(m["loss"])}
+          "model_tflops_per_s": flops / step_s / 1e12, "loss_last": float(m["loss"]), **parts}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--attn", default="auto")
   ap.add_argument("--peak-tflops", type=float, default=989.0,
                   help="dense bf16 peak for MFU (H100/H200 SXM datasheet)")
+  ap.add_argument("--breakdown", action="store_true", help="also time forward and backward")
   ap.add_argument("--out", default=None, help="results folder (default results/)")
   ap.add_argument("--name", default="train")
   args = ap.parse_args(argv)
@@ -73,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
   for variant in args.chains.split(";"):
     chains = tuple(int(c) for c in variant.split(","))
     r = time_train_step(args.preset, chains, args.batch, args.seq, args.steps, args.warmup,
-                        args.dtype, args.attn)
+                        args.dtype, args.attn, breakdown=args.breakdown)
     r["mfu"] = r["model_tflops_per_s"] / args.peak_tflops
     rows.append(r)
     print(f"{args.preset} chains={chains}: {r['step_ms']:.1f} ms/step, "

@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["report"]:  # its own flags (--check, --print) pass through untouched
+    return importlib.import_module(TOOLS["report"]).main(argv[1:]) or 0
+  if argv[:1] == ["bench"] and len(argv) > 1:
+    return _cmd_bench(argparse.Namespace(name=argv[1], rest=argv[2:]))
   args = build_parser().parse_args(argv)
   from experiments.checkpoint import CheckpointError
   from experiments.config import ConfigError

@@ -32,7 +32,7 @@ def _model_spec_fields():
   for f in dataclasses.fields(ModelConfig):
     tp = hints[f.name]
     if typing.get_origin(tp) is tuple:
-      tp = list[int]
+      tp = list[typing.get_args(tp)[0]]
     fields.append((f.name, tp | None, dataclasses.field(default=None)))
   return fields
 
