@@ -59,7 +59,7 @@ def known_attention() -> list[str]:
   return sorted(set(_REGISTRY) | set(_FACTORIES) | set(PLUGINS) | {"auto"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_attention(spec: str) -> AttentionFn:
   """Looks up an attention function by name or 'name:options'; 'auto' is cuDNN on GPU and the
   jnp reference elsewhere. An unknown name is a ValueError listing the known ones."""

@@ -73,9 +73,10 @@ class ModelConfig:
       raise ValueError(f"layer_attn has {len(self.layer_attn)} entries for n_layers="
                        f"{self.n_layers}")
     from colm.attention import known_attention, parse_attention_spec
-    for spec in (self.attn_impl, *self.layer_attn):
+    specs = [("attn_impl", self.attn_impl)] + [("layer_attn", a) for a in self.layer_attn]
+    for field, spec in specs:
       if parse_attention_spec(spec)[0] not in known_attention():
-        raise ValueError(f"attn_impl: unknown attention implementation {spec!r}; known: "
+        raise ValueError(f"{field}: unknown attention implementation {spec!r}; known: "
                          f"{known_attention()}")
     for name in ("dtype", "param_dtype"):
       try:

@@ -1,1 +1,2 @@
-"""ETS tree search against a process reward model, and best-of-N / beam / DVTS / REBASE baselines (filled by the ETS issue)."""
+"""ETS tree search against a process reward model, with best-of-N / beam / DVTS / REBASE
+baselines (filled by the ETS issue)."""

@@ -15,7 +15,7 @@ import pytest
 from experiments.checkpoint import CheckpointError, Checkpoints
 from experiments.cli import main as cli_main
 from experiments.config import ConfigError, load_config
-from experiments.train import TrainingDiverged, Trainer, load_run, train
+from experiments.train import Trainer, TrainingDiverged, load_run, train
 
 REPO = Path(__file__).resolve().parents[2]
 
