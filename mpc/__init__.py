@@ -1,1 +1,2 @@
-"""MPCache: KV eviction made cheap under secure multi-party computation (filled by the MPCache issue)."""
+"""MPCache: KV eviction made cheap under secure multi-party computation (filled by the MPCache
+issue)."""
