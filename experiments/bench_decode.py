@@ -82,12 +82,19 @@ def bench_one(preset: str, batch: int, prompt: int, new: int, repeats: int, band
   kv_full = batch * kv_per_token * (prompt + new)  # what reading the whole cache would cost
   step_s = decode_s / steps
   roof = (param_bytes + kv_bytes) / bandwidth
+  on_gpu = jax.default_backend() == "gpu"  # on a CPU small weights sit in cache: no roofline
   return {"preset": preset, "batch": batch, "prompt": prompt, "new_tokens": new,
           "params": cfg.num_params(), "param_bytes": param_bytes, "kv_bytes_per_step": kv_bytes,
           "compile_s": compile_s, "prefill_ms": 1e3 * prefill_s, "decode_s": decode_s,
           "step_ms": 1e3 * step_s, "tokens_per_s": batch * steps / decode_s,
-          "roofline_step_ms": 1e3 * roof, "roofline_fraction": roof / step_s,
-          "roofline_fraction_full_cache": (param_bytes + kv_full) / bandwidth / step_s}
+          "roofline_step_ms": 1e3 * roof if on_gpu else None,
+          "roofline_fraction": roof / step_s if on_gpu else None,
+          "roofline_fraction_full_cache": (param_bytes + kv_full) / bandwidth / step_s
+          if on_gpu else None}
+
+
+def _pct(x: float | None) -> str:
+  return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -109,14 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     r = bench_one(preset, int(batch), args.prompt, args.new, args.repeats, bw, args.dtype)
     rows.append(r)
     print(f"{preset} b{batch}: {r['tokens_per_s']:,.0f} tok/s, {r['step_ms']:.3f} ms/step, "
-          f"{100 * r['roofline_fraction']:.1f}% of roofline", flush=True)
+          f"{_pct(r['roofline_fraction'])} of roofline", flush=True)
   path = write_results(args.name, {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}, args.out)
   print(f"\n{'preset':7} {'batch':>5} {'params':>8} {'ms/step':>8} {'roof ms':>8} {'tok/s':>9} "
         f"{'roofline':>8}")
   for r in rows:
+    roof_ms = "n/a" if r["roofline_step_ms"] is None else f"{r['roofline_step_ms']:.3f}"
     print(f"{r['preset']:7} {r['batch']:5d} {r['params'] / 1e6:7.0f}M {r['step_ms']:8.3f} "
-          f"{r['roofline_step_ms']:8.3f} {r['tokens_per_s']:9,.0f} "
-          f"{100 * r['roofline_fraction']:7.1f}%")
+          f"{roof_ms:>8} {r['tokens_per_s']:9,.0f} {_pct(r['roofline_fraction']):>8}")
   print(f"wrote {path}")
   return {"rows": rows, "path": str(path)}
 
