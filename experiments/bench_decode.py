@@ -74,7 +74,7 @@ def bench_one(preset: str, batch: int, prompt: int, new: int, repeats: int, band
   runs = [run() for _ in range(repeats)]
   prefill_s = float(np.median([r[0] for r in runs]))
   decode_s = float(np.median([r[1] for r in runs]))
-  steps = runs[0][2] - 1  # the first token comes from prefill
+  steps = runs[0][2] - 1  # decode steps run (the first token comes from prefill)
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # bf16 K and V
   mean_len = prompt + 1 + (steps - 1) / 2

@@ -56,40 +56,48 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, token: jax.Array, cac
   return _step(nnx.merge(graphdef, params), token, cache, num_chains)
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",),
-                   static_argnames=("graphdef", "num_chains", "max_new_tokens", "sampling"))
+@functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=(
+    "graphdef", "num_chains", "max_new_tokens", "sampling", "sync_every"))
 def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, first: jax.Array, cache: KVCache,
                 key: jax.Array, stop_tokens: jax.Array, *, max_new_tokens: int,
-                sampling: SamplingConfig, num_chains: int | None = None):
-  """Decodes up to max_new_tokens in one compiled while loop, stopping when every row is done.
+                sampling: SamplingConfig, num_chains: int | None = None, sync_every: int = 16):
+  """Decodes up to max_new_tokens in one compiled loop, stopping when every row is done.
+
+  The stop test runs once per `sync_every` steps: an XLA while loop copies its predicate to
+  the host each iteration, which stalls the GPU until the host has launched the next step, so
+  the body runs a fixed-trip-count chunk of steps instead. Steps past max_new_tokens (at most
+  sync_every - 1) write nothing to the output; their cache writes land past every live entry.
 
   Args:
     first: [B] the first generated token (sampled from the prefill logits).
     stop_tokens: [N] int token ids that end a sequence (N may be 0).
   Returns:
-    tokens [B, max_new_tokens] int32 (first included; -1 after a row stopped), n_steps, cache.
+    tokens [B, max_new_tokens] int32 (first included; -1 after a row stopped), the number of
+    decode steps run plus one, and the cache.
   """
   model = nnx.merge(graphdef, params)
   b = first.shape[0]
   out = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, stop_tokens)
+  chunk = max(1, min(sync_every, max_new_tokens - 1))
 
   def cond(s):
     i, _, _, done, _, _ = s
     return (i < max_new_tokens) & ~jnp.all(done)
 
-  def body(s):
+  def step(_, s):
     i, tok, cache, done, out, key = s
     key, sub = jax.random.split(key)
     logits, cache = _step(model, tok, cache, num_chains)
     nxt = sample(logits, sub, sampling)
     nxt = jnp.where(done, -1, nxt)
-    out = out.at[:, i].set(nxt)
+    out = out.at[:, i].set(nxt, mode="drop")  # i >= max_new_tokens: dropped
     done = done | jnp.isin(nxt, stop_tokens)
     return i + 1, nxt, cache, done, out, key
 
   i, _, cache, _, out, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), first, cache, done, out, key))
+      cond, lambda s: jax.lax.fori_loop(0, chunk, step, s),
+      (jnp.int32(1), first, cache, done, out, key))
   return out, i, cache
 
 
