@@ -20,7 +20,7 @@ from flax import nnx
 
 from colm.config import ModelConfig
 from colm.model import Decoder
-from experiments.results import write_results
+from experiments.results import trace_to, write_results
 from kvcache import SamplingConfig, decode_loop, init_cache, prefill
 
 
@@ -46,7 +46,7 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
 
 
 def bench_one(preset: str, batch: int, prompt: int, new: int, repeats: int, bandwidth: float,
-              dtype: str = "bfloat16") -> dict:
+              dtype: str = "bfloat16", profile: str | None = None) -> dict:
   cfg = ModelConfig.preset(preset, max_seq_len=prompt + new, dtype=dtype, param_dtype=dtype)
   model = Decoder(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
@@ -72,6 +72,9 @@ def bench_one(preset: str, batch: int, prompt: int, new: int, repeats: int, band
   run()
   compile_s = time.perf_counter() - t0
   runs = [run() for _ in range(repeats)]
+  if profile:
+    with trace_to(profile):
+      run()
   prefill_s = float(np.median([r[0] for r in runs]))
   decode_s = float(np.median([r[1] for r in runs]))
   steps = runs[0][2] - 1  # decode steps run (the first token comes from prefill)
@@ -107,13 +110,16 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--out", default=None)
   ap.add_argument("--name", default="decode")
+  ap.add_argument("--profile", default=None,
+                  help="write a profiler trace (.xplane.pb) of one run of the first variant here")
   args = ap.parse_args(argv)
   bw = copy_bandwidth(1 << 30 if jax.default_backend() == "gpu" else 1 << 26)
   print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
   rows = []
   for v in args.variants.split(","):
     preset, batch = v.split(":")
-    r = bench_one(preset, int(batch), args.prompt, args.new, args.repeats, bw, args.dtype)
+    r = bench_one(preset, int(batch), args.prompt, args.new, args.repeats, bw, args.dtype,
+                  profile=args.profile if not rows else None)
     rows.append(r)
     print(f"{preset} b{batch}: {r['tokens_per_s']:,.0f} tok/s, {r['step_ms']:.3f} ms/step, "
           f"{_pct(r['roofline_fraction'])} of roofline", flush=True)

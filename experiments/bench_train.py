@@ -16,13 +16,13 @@ import jax
 import numpy as np
 
 from experiments.config import ModelSpec, TrainConfig
-from experiments.results import write_results
+from experiments.results import trace_to, write_results
 from experiments.train import Trainer
 
 
 def time_train_step(preset: str, chains: tuple[int, ...], batch: int, seq: int, steps: int,
                     warmup: int, dtype: str, attn: str, overrides: dict | None = None,
-                    breakdown: bool = False) -> dict:
+                    breakdown: bool = False, profile: str | None = None) -> dict:
   """Median step time of `steps` timed steps after `warmup` (each step synchronised)."""
   spec = ModelSpec(preset=preset, chains=list(chains), dtype=dtype, attn_impl=attn,
                    max_seq_len=seq, **(overrides or {}))
@@ -47,6 +47,11 @@ def time_train_step(preset: str, chains: tuple[int, ...], batch: int, seq: int, 
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
   tokens = batch * seq
+  if profile:
+    with trace_to(profile):
+      for i in range(3):
+        state, m = trainer.step(state, batches[i % 4])
+      jax.block_until_ready((state.params, m))
   parts = {}
   if breakdown:  # where the step's time goes: forward loss alone, forward + backward
     b = trainer.put_batch(batches[0])
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--peak-tflops", type=float, default=989.0,
                   help="dense bf16 peak for MFU (H100/H200 SXM datasheet)")
   ap.add_argument("--breakdown", action="store_true", help="also time forward and backward")
+  ap.add_argument("--profile", default=None,
+                  help="write a profiler trace (.xplane.pb) of 3 steps of the first variant here")
   ap.add_argument("--out", default=None, help="results folder (default results/)")
   ap.add_argument("--name", default="train")
   args = ap.parse_args(argv)
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
   for variant in args.chains.split(";"):
     chains = tuple(int(c) for c in variant.split(","))
     r = time_train_step(args.preset, chains, args.batch, args.seq, args.steps, args.warmup,
-                        args.dtype, args.attn, breakdown=args.breakdown)
+                        args.dtype, args.attn, breakdown=args.breakdown,
+                        profile=args.profile if not rows else None)
     # MFU is defined against the GPU's dense bf16 peak; a CPU has no comparable figure here.
     r["mfu"] = r["model_tflops_per_s"] / args.peak_tflops if jax.default_backend() == "gpu" \
         else None

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import glob
 import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +63,16 @@ def write_results(name: str, payload: dict[str, Any], out_dir: str | os.PathLike
   tmp.write_text(json.dumps({"name": name, "environment": env, **payload}, indent=2, default=str))
   tmp.replace(path)
   return path
+
+
+@contextlib.contextmanager
+def trace_to(path: str | os.PathLike):
+  """Records a JAX profiler trace of the block and copies its .xplane.pb to `path` (one file,
+  readable with xprof / TensorBoard's profile plugin or `python -m experiments.profile`)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      yield
+    found = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    if found:
+      Path(path).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(found[0], path)
