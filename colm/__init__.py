@@ -1,16 +1,30 @@
 """CoLM: the chain-aware decoder every system of this codebase runs on.
 
 `Decoder(ModelConfig.tiny(), rngs=nnx.Rngs(0))(tokens)` -> logits [B, T, V]; chains=(1,) is the
-standard LLaMA-style Transformer, chains=(16, 16) or (8, 8, 8, 8) is Chain-of-Model.
+standard LLaMA-style Transformer, chains=(16, 16) or (8, 8, 8, 8) is Chain-of-Model, air=True is
+CoLM-Air. colm.colm holds the method: multi-scale loss, progressive expansion with frozen old
+chains, sub-model extraction.
 """
 
 from colm.attention import decode_attention, get_attention, reference_attention, register_attention
+from colm.colm import (
+    build_model,
+    expand,
+    expanded_config,
+    extract,
+    freeze,
+    multiscale_loss,
+    multiscale_losses,
+    sub_config,
+    trainable_mask,
+)
 from colm.config import ModelConfig, resolve_dtype
 from colm.layers import ChainLinear, ChainRMSNorm, rope
 from colm.model import Attention, Block, Decoder, FeedForward
 
 __all__ = [
     "Attention", "Block", "ChainLinear", "ChainRMSNorm", "Decoder", "FeedForward", "ModelConfig",
-    "decode_attention", "get_attention", "reference_attention", "register_attention",
-    "resolve_dtype", "rope",
+    "build_model", "decode_attention", "expand", "expanded_config", "extract", "freeze",
+    "get_attention", "multiscale_loss", "multiscale_losses", "reference_attention",
+    "register_attention", "resolve_dtype", "rope", "sub_config", "trainable_mask",
 ]

@@ -55,6 +55,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"  # parameter storage dtype
   init_std: float = 0.02  # normal init of all weights
+  air: bool = False  # CoLM-Air: every layer's K and V come from chain 1's states only
+  separate_heads: bool = False  # one LM head per scale (needs untied embeddings), not row slices
 
   def __post_init__(self):
     object.__setattr__(self, "chains", tuple(int(c) for c in self.chains))
@@ -83,6 +85,9 @@ class ModelConfig:
         resolve_dtype(getattr(self, name))
       except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
+    if self.separate_heads and self.tie_embeddings:
+      raise ValueError("separate_heads=True needs tie_embeddings=False: a tied head is the "
+                       "embedding, shared by every scale")
     # Derived splits raise a ValueError naming the field when a chain split is not integral.
     self.chain_dims, self.chain_heads, self.chain_kv_heads, self.chain_ffn  # noqa: B018
     for i, (h, kv) in enumerate(zip(self.chain_heads, self.chain_kv_heads)):
@@ -124,10 +129,14 @@ class ModelConfig:
     q = tuple(h * self.head_dim for h in self.chain_heads)
     kv = tuple(h * self.head_dim for h in self.chain_kv_heads)
     f = self.chain_ffn
-    per_layer = (chain_linear(d, q) + 2 * chain_linear(d, kv) + chain_linear(q, d)
+    # Air: K and V of every chain are dense projections of chain 1 (D_1 inputs each).
+    kv_params = 2 * d[0] * sum(kv[:k]) if self.air else 2 * chain_linear(d, kv)
+    per_layer = (chain_linear(d, q) + kv_params + chain_linear(q, d)
                  + 2 * chain_linear(d, f) + chain_linear(f, d) + 2 * sum(d[:k]))
     n = self.n_layers * per_layer + sum(d[:k]) + self.vocab_size * sum(d[:k])
-    if not self.tie_embeddings:
+    if self.separate_heads:  # head j maps the first j chains: D_<=j x V
+      n += self.vocab_size * sum(sum(d[: j + 1]) for j in range(k))
+    elif not self.tie_embeddings:
       n += self.vocab_size * sum(d[:k])
     return n
 

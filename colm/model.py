@@ -47,16 +47,31 @@ class Attention(nnx.Module):
     q_dims = tuple(h * e for h in cfg.chain_heads)
     kv_dims = tuple(h * e for h in cfg.chain_kv_heads)
     kw = dict(rngs=rngs, init_std=cfg.init_std, param_dtype=pd)
+    # CoLM-Air: the K/V kernels of every chain read chain 1 only (input chains (D_1, 0, 0, ...)),
+    # so kernels[i] is [D_1, K_i * E] and chain 1's states determine the whole KV cache.
+    kv_in = (cfg.chain_dims[0],) + (0,) * (cfg.num_chains - 1) if cfg.air else cfg.chain_dims
     self.q = ChainLinear(cfg.chain_dims, q_dims, **kw)
-    self.k = ChainLinear(cfg.chain_dims, kv_dims, **kw)
-    self.v = ChainLinear(cfg.chain_dims, kv_dims, **kw)
+    self.k = ChainLinear(kv_in, kv_dims, **kw)
+    self.v = ChainLinear(kv_in, kv_dims, **kw)
     self.o = ChainLinear(q_dims, cfg.chain_dims, **kw)
 
-  def _qkv(self, x, positions, k):
+  def _air_kv(self, x, m):
+    """Air: K|V of the first m chains' KV heads as one dense matmul of x[..., :D_1]."""
+    dt = x.dtype
+    w = jnp.concatenate([l.kernels[i][...].astype(dt) for l in (self.k, self.v)
+                         for i in range(m)], axis=1)  # [D_1, 2 * sum(K_<=m) * E]
+    kk, vv = jnp.split(jnp.dot(x[..., : self.cfg.chain_dims[0]], w), 2, axis=-1)
+    return kk, vv
+
+  def _qkv(self, x, positions, k, kv_chains):
     cfg, dt = self.cfg, x.dtype
     b, t = x.shape[:2]
-    h, kh = sum(cfg.chain_heads[:k]), sum(cfg.chain_kv_heads[:k])
-    q, kk, vv = fused_chain_linear([self.q, self.k, self.v], x, k, dt)
+    h, kh = sum(cfg.chain_heads[:k]), sum(cfg.chain_kv_heads[:kv_chains])
+    if cfg.air:
+      q = self.q(x, k, dt)
+      kk, vv = self._air_kv(x, kv_chains)
+    else:
+      q, kk, vv = fused_chain_linear([self.q, self.k, self.v], x, k, dt)
     q = q.reshape(b, t, h, cfg.head_dim)
     kk, vv = kk.reshape(b, t, kh, cfg.head_dim), vv.reshape(b, t, kh, cfg.head_dim)
     return rope(q, positions, cfg.rope_theta), rope(kk, positions, cfg.rope_theta), vv
@@ -70,15 +85,18 @@ class Attention(nnx.Module):
     token's K/V are written at positions[:, 0] and it attends cache entries 0..positions[:, 0].
     """
     b, t = x.shape[:2]
-    q, kk, vv = self._qkv(x, positions, num_chains)
+    # Air fills every chain's KV heads from chain 1 even at scale k < n (LM switching: any scale
+    # then decodes from the same cache); plain CoLM computes the k chains' heads only.
+    kv_chains = self.cfg.num_chains if (self.cfg.air and kv is not None) else num_chains
+    q, kk, vv = self._qkv(x, positions, num_chains, kv_chains)
+    kh = sum(self.cfg.chain_kv_heads[:num_chains])  # the KV heads scale k attends
     if kv is not None and t == 1:
       kc = _write_token(kv[0], kk, positions[:, 0])
       vc = _write_token(kv[1], vv, positions[:, 0])
-      kh = kk.shape[2]
       out = decode_attention(q[:, 0], kc[:, :kh], vc[:, :kh], positions[:, 0] + 1)[:, None]
       new_kv = (kc, vc)
     else:
-      out = get_attention(self.attn_impl)(q, kk, vv, causal=True)
+      out = get_attention(self.attn_impl)(q, kk[:, :, :kh], vv[:, :, :kh], causal=True)
       new_kv = None if kv is None else (_write_prefill(kv[0], kk), _write_prefill(kv[1], vv))
     return self.o(out.reshape(b, t, -1), num_chains), new_kv
 
@@ -140,8 +158,12 @@ class Decoder(nnx.Module):
         for i in range(cfg.n_layers)
     ])
     self.final_norm = ChainRMSNorm(cfg.chain_dims, eps=cfg.norm_eps, param_dtype=pd)
-    self.head = None if cfg.tie_embeddings else nnx.Param(
-        nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.d_model, cfg.vocab_size), pd))
+    init = nnx.initializers.normal(cfg.init_std)
+    self.head = None if cfg.tie_embeddings or cfg.separate_heads else nnx.Param(
+        init(rngs.params(), (cfg.d_model, cfg.vocab_size), pd))
+    # separate_heads: head j maps the first j chains, [D_<=j, V]; otherwise scale j slices rows.
+    self.heads = nnx.List([nnx.Param(init(rngs.params(), (w, cfg.vocab_size), pd))
+                           for w in cumsum(cfg.chain_dims)]) if cfg.separate_heads else None
 
   def _chains(self, num_chains: int | None) -> int:
     n = self.cfg.num_chains
@@ -163,7 +185,10 @@ class Decoder(nnx.Module):
     """
     width = h.shape[-1]
     h = self.final_norm(h, num_chains)
-    w = self.embed[...][:, :width].T if self.head is None else self.head[...][:width]
+    if self.heads is not None:
+      w = self.heads[num_chains - 1][...]
+    else:
+      w = self.embed[...][:, :width].T if self.head is None else self.head[...][:width]
     return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32).astype(dtype)
 
   def hidden(self, tokens: jax.Array, *, num_chains: int | None = None,
@@ -196,9 +221,16 @@ class Decoder(nnx.Module):
       logits [B, T, V] float32 and the updated per-layer caches.
     """
     k = self._chains(num_chains)
+    x, new = self.hidden_cached(tokens, positions, kv, k)
+    return self.logits(x, k), new
+
+  def hidden_cached(self, tokens: jax.Array, positions: jax.Array, kv: tuple[LayerKV, ...],
+                    num_chains: int | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+    """forward_cached without the LM head: final hidden states [B, T, D_k] and the caches."""
+    k = self._chains(num_chains)
     x = self.embed_tokens(tokens, k)
     new = []
     for layer, layer_kv in zip(self.layers, kv):
       x, layer_kv = layer(x, positions, k, layer_kv)
       new.append(layer_kv)
-    return self.logits(x, k), tuple(new)
+    return x, tuple(new)

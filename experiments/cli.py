@@ -4,6 +4,7 @@
     python -m experiments train quickstart steps=50 name=q2  # with key=value overrides
     python -m experiments eval runs/quickstart                # validation loss per chain scale
     python -m experiments generate runs/quickstart --prompt "def main(" --max-new-tokens 64
+    python -m experiments extract runs/colm --chains 1 --out runs/colm_c1   # CoLM sub-model
     python -m experiments bench train --preset base           # benchmarks write results/*.json
     python -m experiments list                                # configs, benchmarks, runs
 """
@@ -20,6 +21,7 @@ BENCHMARKS = {
     "train": "experiments.bench_train",
     "decode": "experiments.bench_decode",
     "attention": "experiments.bench_attention",
+    "colm": "experiments.bench_colm",
 }
 TOOLS = {"report": "experiments.report"}
 
@@ -98,6 +100,13 @@ def _cmd_generate(args) -> int:
   return 0
 
 
+def _cmd_extract(args) -> int:
+  from experiments.progressive import extract_run
+  out = extract_run(args.run_dir, args.chains, args.out)
+  print(f"wrote the {args.chains}-chain sub-model of {args.run_dir} to {out}")
+  return 0
+
+
 def _cmd_bench(args) -> int:
   if args.name not in BENCHMARKS:
     raise SystemExit(f"unknown benchmark {args.name!r}; known: {', '.join(sorted(BENCHMARKS))}")
@@ -142,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--seed", type=int, default=0)
   g.add_argument("--chains", type=int, default=None, help="decode with the first k chains")
   g.set_defaults(fn=_cmd_generate)
+  x = sub.add_parser("extract", help="save a CoLM run's first k chains as a standalone run")
+  x.add_argument("run_dir")
+  x.add_argument("--chains", type=int, required=True, help="k: keep chains 1..k")
+  x.add_argument("--out", required=True, help="the new run folder")
+  x.set_defaults(fn=_cmd_extract)
   b = sub.add_parser("bench", help="run a benchmark (writes JSON)")
   b.add_argument("name", help=", ".join(sorted(BENCHMARKS)))
   b.add_argument("rest", nargs=argparse.REMAINDER)

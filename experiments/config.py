@@ -52,6 +52,16 @@ class DataSpec:
 
 
 @dataclasses.dataclass
+class StageSpec:
+  """One stage of a progressive (CoLM) schedule: optionally add a chain, then train."""
+
+  add_chain: int = 0  # hidden width of a chain added before this stage (0: none; first stage)
+  steps: int = 100  # optimizer steps of this stage (old chains frozen after an add_chain)
+  lr: float | None = None  # peak learning rate of the stage (None: the run's lr)
+  warmup_steps: int | None = None  # (None: the run's warmup_steps)
+
+
+@dataclasses.dataclass
 class TrainConfig:
   """Everything a training run needs; saved resolved as config.yaml in the run folder."""
 
@@ -81,6 +91,10 @@ class TrainConfig:
   sample_prompt: str = "def "  # printed sample at the end
   sample_tokens: int = 64
   peak_tflops: float = 989.0  # dense bf16 peak for MFU (H100/H200 SXM); ignored on CPU
+  scale_weights: list[float] | None = None  # CoLM multi-scale loss sum_k w_k CE(chains 1..k)
+  freeze_chains: int = 0  # chains 1..n get no updates (progressive scaling sets this)
+  stages: list[StageSpec] = dataclasses.field(default_factory=list)  # progressive schedule:
+  # stage 0 trains `model`, each later stage adds a chain (old ones frozen); steps = their sum
 
   def model_config(self) -> ModelConfig:
     return build_model_config(self.model)
@@ -101,12 +115,57 @@ def build_model_config(spec: Any) -> ModelConfig:
     raise ConfigError(f"model: {e}") from None
 
 
+def model_spec(mc: ModelConfig) -> Any:
+  """A ModelSpec that rebuilds exactly `mc` (every field set)."""
+  d = {f.name: getattr(mc, f.name) for f in dataclasses.fields(ModelConfig)}
+  return ModelSpec(preset="small", **{k: list(v) if isinstance(v, tuple) else v
+                                      for k, v in d.items()})
+
+
+def _check_colm(cfg: TrainConfig, mc: ModelConfig, need) -> None:
+  """scale_weights, freeze_chains and the progressive stages (chain expansions must be valid)."""
+  from colm.colm import check_scale_weights, expanded_config, trainable_mask
+  if cfg.scale_weights is not None:
+    try:
+      check_scale_weights(mc, cfg.scale_weights)
+    except ValueError as e:
+      raise ConfigError(f"scale_weights: {e}") from None
+  if cfg.freeze_chains:
+    try:
+      trainable_mask(mc, cfg.freeze_chains)
+    except ValueError as e:
+      raise ConfigError(f"freeze_chains: {e}") from None
+  if not cfg.stages:
+    return
+  need(cfg.scale_weights is None and cfg.freeze_chains == 0, "stages",
+       "a progressive schedule sets the frozen chains itself; leave scale_weights and "
+       "freeze_chains unset")
+  need(sum(s.steps for s in cfg.stages) == cfg.steps, "steps",
+       f"{cfg.steps} must equal the sum of stages[*].steps "
+       f"({sum(s.steps for s in cfg.stages)}), the run's total")
+  for i, st in enumerate(cfg.stages):
+    key = f"stages.{i}"
+    need(st.steps > 0, f"{key}.steps", f"must be positive, got {st.steps}")
+    need((st.add_chain == 0) == (i == 0), f"{key}.add_chain",
+         "the first stage trains the configured model (add_chain 0); every later stage adds a "
+         f"chain (add_chain > 0), got {st.add_chain}")
+    warm = cfg.warmup_steps if st.warmup_steps is None else st.warmup_steps
+    need(0 <= warm < st.steps, f"{key}.warmup_steps", f"{warm} must be in [0, {st.steps})")
+    need(st.lr is None or st.lr > 0, f"{key}.lr", f"must be positive, got {st.lr}")
+    if st.add_chain:
+      try:
+        mc = expanded_config(mc, st.add_chain)
+      except ValueError as e:
+        raise ConfigError(f"{key}.add_chain: {e}") from None
+
+
 def _check(cfg: TrainConfig) -> None:
   def need(cond, key, msg):
     if not cond:
       raise ConfigError(f"{key}: {msg}")
 
   mc = cfg.model_config()
+  _check_colm(cfg, mc, need)
   for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
               "save_every", "keep_checkpoints", "sample_tokens"):
     need(getattr(cfg, key) > 0, key, f"must be positive, got {getattr(cfg, key)}")

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from colm.colm import cross_entropy, freeze, multiscale_loss, multiscale_losses, trainable_mask
 from colm.config import ModelConfig
 from colm.model import Decoder
 from colm.params import ParamCodec, Params
@@ -72,27 +72,27 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
       0.0, cfg.lr, max(cfg.warmup_steps, 1), cfg.steps, end_value=cfg.lr * cfg.min_lr_ratio)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """AdamW on lr_schedule; weight decay only on matrices; global-norm clipping."""
+def make_optimizer(cfg: TrainConfig, model_cfg: ModelConfig | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW on lr_schedule; weight decay only on matrices; global-norm clipping; with
+  cfg.freeze_chains, the old chains' entries get neither gradient nor update (colm.colm.freeze)."""
   tx = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
   if cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+  if cfg.freeze_chains:
+    tx = freeze(tx, trainable_mask(model_cfg or cfg.model_config(), cfg.freeze_chains))
   return tx
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean token cross-entropy. logits [B, T, V] float32, targets [B, T] int."""
-  logits = logits.astype(jnp.float32)  # fused into the reductions: bf16 logits stay bf16 in HBM
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.mean(logz - gold)
-
-
-def make_loss_fn(codec: ParamCodec, num_chains: int | None = None) -> Callable:
+def make_loss_fn(codec: ParamCodec, num_chains: int | None = None,
+                 scale_weights: list[float] | None = None) -> Callable:
   def loss_fn(params: Params, batch: jax.Array) -> jax.Array:
-    """batch: [B, T+1] int tokens; predicts tokens 1..T from 0..T-1."""
+    """batch: [B, T+1] int tokens; predicts tokens 1..T from 0..T-1. With scale_weights, the
+    CoLM multi-scale loss sum_k w_k CE(chains 1..k) from one forward."""
     model = codec.merge(params)
+    if scale_weights:
+      return multiscale_loss(model, batch, scale_weights)
     logits = model(batch[:, :-1], num_chains=num_chains, logits_dtype=model.cfg.dtype)
     return cross_entropy(logits, batch[:, 1:])
   return loss_fn
@@ -130,16 +130,24 @@ class Trainer:
                        "data-parallel shards of the mesh")
     model = nnx.eval_shape(lambda: Decoder(self.model_cfg, rngs=nnx.Rngs(cfg.seed)))
     self.codec = ParamCodec(model)
-    self.tx = make_optimizer(cfg)
+    self.tx = make_optimizer(cfg, self.model_cfg)
     abstract = self.codec.params(model)
     self.param_shardings = {k: param_sharding(v, self.mesh) for k, v in abstract.items()}
     self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp"), None))
-    self.loss_fn = make_loss_fn(self.codec)
+    self.loss_fn = make_loss_fn(self.codec, scale_weights=cfg.scale_weights)
     self._step = jax.jit(make_train_step(self.loss_fn, self.tx), donate_argnums=(0, 1))
-    self._eval = jax.jit(self.loss_fn)
+    # Validation: the cross-entropy of every chain scale from one forward (the last is the model).
+    self._eval = jax.jit(lambda params, batch: multiscale_losses(self.codec.merge(params), batch))
 
-  def init_state(self) -> TrainState:
-    """Fresh parameters (seeded) and optimizer state, placed with their shardings."""
+  def init_state(self, params: Params | None = None) -> TrainState:
+    """Fresh parameters (seeded), or the given ones (e.g. an expanded model), and a fresh
+    optimizer state, placed with their shardings."""
+    if params is not None:
+      params = jax.device_put(dict(params), self.param_shardings)
+      opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(
+          jax.eval_shape(self.tx.init, params)))(params)
+      return TrainState(0, params, opt_state)
+
     def init():
       params = self.codec.params(Decoder(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed)))
       return params, self.tx.init(params)
@@ -184,6 +192,10 @@ class Trainer:
     return TrainState(state.step + 1, params, opt_state), metrics
 
   def eval_loss(self, params: Params, batch: np.ndarray) -> jax.Array:
+    return self.eval_scale_losses(params, batch)[-1]
+
+  def eval_scale_losses(self, params: Params, batch: np.ndarray) -> jax.Array:
+    """[num_chains] validation cross-entropy of chains 1..k for k = 1..n."""
     with self.mesh:
       return self._eval(params, self.put_batch(batch))
 
@@ -268,13 +280,16 @@ def prepare_data(cfg: TrainConfig, progress: bool = True):
                             cache_dir=d.cache_dir), progress=progress)
 
 
-def evaluate(trainer: Trainer, params: Params, data, batches: int, step_offset: int = 0) -> float:
-  """Mean validation loss over `batches` fixed batches (the same ones at every evaluation)."""
+def evaluate(trainer: Trainer, params: Params, data, batches: int, step_offset: int = 0,
+             per_scale: bool = False):
+  """Mean validation loss over `batches` fixed batches (the same ones at every evaluation);
+  per_scale: a [num_chains] array, the loss of chains 1..k for each scale k."""
   cfg = trainer.cfg
-  losses = [trainer.eval_loss(params, data.batch("val", step_offset + i, cfg.batch_size,
-                                                 cfg.seq_len, cfg.seed))
+  losses = [trainer.eval_scale_losses(params, data.batch("val", step_offset + i, cfg.batch_size,
+                                                         cfg.seq_len, cfg.seed))
             for i in range(batches)]
-  return float(np.mean([float(x) for x in losses]))
+  mean = np.mean(np.stack([np.asarray(x, np.float64) for x in losses]), axis=0)
+  return mean if per_scale else float(mean[-1])
 
 
 def check_run_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -290,17 +305,22 @@ def check_run_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = True,
-          data=None) -> dict[str, Any]:
+          data=None, init_params: Params | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run described by cfg.
 
   Args:
-    cfg: the run configuration.
+    cfg: the run configuration; one with `stages` runs the progressive schedule
+      (experiments/progressive.py).
     stop_after: stop once this step is reached (after saving), as if the run were killed there.
     progress: show a tqdm progress bar.
     data: a prepared experiments.data.Dataset (built from cfg.data when None).
+    init_params: start from these parameters instead of a fresh init (ignored on resume).
   Returns:
     {"step", "val_loss", "run_dir", ...} of the last evaluation.
   """
+  if cfg.stages:
+    from experiments.progressive import train_progressive
+    return train_progressive(cfg, stop_after=stop_after, progress=progress, data=data)
   run_dir = Path(cfg.out_dir) / cfg.name
   check_run_config(run_dir, cfg)
   trainer = Trainer(cfg)
@@ -315,7 +335,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
     state = TrainState(step, restored["params"], restored["opt_state"])
     print(f"resuming {run_dir} from step {step}")
   else:
-    state = trainer.init_state()
+    state = trainer.init_state(init_params)
   log = _Logger(run_dir, state.step)
   mc = trainer.model_cfg
   print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind} "
@@ -371,8 +391,12 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
         flush()
       if state.step % cfg.eval_every == 0 or last:
         flush()
-        val = evaluate(trainer, state.params, data, cfg.eval_batches)
-        log.log({"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+        vals = evaluate(trainer, state.params, data, cfg.eval_batches, per_scale=True)
+        val = float(vals[-1])
+        row = {"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
+        if len(vals) > 1:  # CoLM: every nested sub-model's loss (chains 1..k)
+          row["val_loss_scales"] = [float(v) for v in vals]
+        log.log(row)
         result.update(step=state.step, val_loss=val)
         bar.write(f"step {state.step}: val loss {val:.4f}")
       if state.step % cfg.save_every == 0 or last:
@@ -407,6 +431,8 @@ def load_run(run_dir: str | Path, step: int | None = None):
   if not (run_dir / "config.yaml").is_file():
     raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
   cfg = load_config(run_dir / "config.yaml")
+  if cfg.stages:  # a progressive run: its last stage holds the final model
+    return load_run(run_dir / f"stage{len(cfg.stages) - 1}", step)
   if not (run_dir / "tokenizer.json").is_file():
     raise CheckpointError(f"{run_dir} has no tokenizer.json")
   trainer = Trainer(cfg, mesh=make_mesh(-1, 1))
