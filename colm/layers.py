@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
 FUSE_MAX_ROWS = 256  # fused_chain_linear concatenates weights only up to this many rows
 
 
