@@ -10,8 +10,9 @@ heads, head dim 64, bf16) at 8K, 32K and 128K tokens, per pattern variant (strid
 per-query-head patterns whose KV head keeps its group's union, per-KV-head patterns, an MHA
 model, hybrids with one dense layer in four), plus a real allocation and compression at 8K.
 `train` and `decode` write results/s2_bench_<backend>.json: median train step (forward,
-backward, AdamW) of the dense, all-S2 and hybrid stacks, and decode tokens/s of the dense model
-with the dense cache against the S2 model with the compressed cache, after a prefill.
+backward, AdamW) of the dense, all-S2 and hybrid (one dense layer in four) stacks, and decode
+tokens/s of the dense model with the dense cache against S2 models (per-query-head and
+per-KV-head patterns) with the compressed cache, after a prefill of --seq tokens.
 """
 
 from __future__ import annotations
@@ -198,12 +199,14 @@ def main(argv=None):
   shape = dict(d_model=64, n_layers=4, heads=16, kv_heads=4) if q else dict(
       d_model=1024, n_layers=4, heads=16, kv_heads=4)
   dtype = "float32" if q else "bfloat16"
-  stacks = {"dense": ["auto"] * 4, "s2": [s2] * 4, "s2_hybrid4": [s2] * 3 + ["auto"]}
+  stacks = {"dense": ["auto"] * 4, "s2": [s2] * 4, "s2_hybrid4": [s2] * 3 + ["auto"],
+            "s2_per_kv_head": [s2 + ",per_kv_head=true"] * 4}
   payload = {"seq": seq, "stride": args.stride, "block_size": bs, "local_blocks": lb,
              "shape": shape, "dtype": dtype}
   if args.what in ("train", "all"):
     tr = {}
-    for name, layers in stacks.items():
+    for name in ("dense", "s2", "s2_hybrid4"):
+      layers = stacks[name]
       tr[name] = time_train(_bench_cfg(**shape, seq=seq, dtype=dtype, layer_attn=layers), 1, seq,
                             args.steps or (2 if q else 10))
       print(name, tr[name], flush=True)
@@ -216,14 +219,15 @@ def main(argv=None):
     from colm.model import Decoder
     dec = {}
     new = args.new or (8 if q else 64)
-    for name in ("dense", "s2"):
+    for name in ("dense", "s2", "s2_per_kv_head"):
       cfg = _bench_cfg(**shape, seq=seq + new + 1, dtype=dtype, layer_attn=stacks[name])
       model = nnx.jit(lambda cfg=cfg: Decoder(cfg, rngs=nnx.Rngs(0)))()
       dec[name] = time_decode(model, seq, new, s2=name != "dense")
       print(name, dec[name], flush=True)
-    dec["s2"]["speedup_vs_dense"] = (dec["s2"]["decode_tokens_per_s"]
-                                     / dec["dense"]["decode_tokens_per_s"])
-    dec["s2"]["cache_ratio_vs_dense"] = dec["dense"]["cache_bytes"] / dec["s2"]["cache_bytes"]
+    for name in ("s2", "s2_per_kv_head"):
+      dec[name]["speedup_vs_dense"] = (dec[name]["decode_tokens_per_s"]
+                                       / dec["dense"]["decode_tokens_per_s"])
+      dec[name]["cache_ratio_vs_dense"] = dec["dense"]["cache_bytes"] / dec[name]["cache_bytes"]
     payload["decode"] = dec
   p = write_results("s2_bench" + ("_quick" if q else ""), payload, args.out)
   print(f"wrote {p}")
