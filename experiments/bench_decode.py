@@ -20,7 +20,7 @@ from flax import nnx
 
 from colm.config import ModelConfig
 from colm.model import Decoder
-from experiments.results import trace_to, write_results
+from experiments.results import pct, trace_to, write_results
 from kvcache import SamplingConfig, decode_loop, init_cache, prefill
 
 
@@ -96,10 +96,6 @@ def bench_one(preset: str, batch: int, prompt: int, new: int, repeats: int, band
           if on_gpu else None}
 
 
-def _pct(x: float | None) -> str:
-  return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def main(argv: list[str] | None = None) -> dict:
   ap = argparse.ArgumentParser(prog="python -m experiments bench decode")
   ap.add_argument("--variants", default="large:1,base:1,base:32",
@@ -122,14 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
                   profile=args.profile if not rows else None)
     rows.append(r)
     print(f"{preset} b{batch}: {r['tokens_per_s']:,.0f} tok/s, {r['step_ms']:.3f} ms/step, "
-          f"{_pct(r['roofline_fraction'])} of roofline", flush=True)
+          f"{pct(r['roofline_fraction'])} of roofline", flush=True)
   path = write_results(args.name, {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}, args.out)
   print(f"\n{'preset':7} {'batch':>5} {'params':>8} {'ms/step':>8} {'roof ms':>8} {'tok/s':>9} "
         f"{'roofline':>8}")
   for r in rows:
     roof_ms = "n/a" if r["roofline_step_ms"] is None else f"{r['roofline_step_ms']:.3f}"
     print(f"{r['preset']:7} {r['batch']:5d} {r['params'] / 1e6:7.0f}M {r['step_ms']:8.3f} "
-          f"{roof_ms:>8} {r['tokens_per_s']:9,.0f} {_pct(r['roofline_fraction']):>8}")
+          f"{roof_ms:>8} {r['tokens_per_s']:9,.0f} {pct(r['roofline_fraction']):>8}")
   print(f"wrote {path}")
   return {"rows": rows, "path": str(path)}
 

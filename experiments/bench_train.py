@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from experiments.config import ModelSpec, TrainConfig
-from experiments.results import trace_to, write_results
+from experiments.results import pct, trace_to, write_results
 from experiments.train import Trainer
 
 
@@ -73,10 +73,6 @@ def time_train_step(preset: str, chains: tuple[int, ...], batch: int, seq: int, 
           "model_tflops_per_s": flops / step_s / 1e12, "loss_last": float(m["loss"]), **parts}
 
 
-def _pct(x: float | None) -> str:
-  return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def main(argv: list[str] | None = None) -> dict:
   ap = argparse.ArgumentParser(prog="python -m experiments bench train")
   ap.add_argument("--preset", default="base")
@@ -106,13 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
         else None
     rows.append(r)
     print(f"{args.preset} chains={chains}: {r['step_ms']:.1f} ms/step, "
-          f"{r['tokens_per_s']:,.0f} tok/s, MFU {_pct(r['mfu'])}", flush=True)
+          f"{r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])}", flush=True)
   path = write_results(args.name, {"peak_tflops": args.peak_tflops, "rows": rows}, args.out)
   print(f"\n{'preset':8} {'chains':12} {'batch':>5} {'seq':>5} {'ms/step':>9} {'tok/s':>10} "
         f"{'MFU':>6}")
   for r in rows:
     print(f"{r['preset']:8} {str(tuple(r['chains'])):12} {r['batch']:5d} {r['seq_len']:5d} "
-          f"{r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {_pct(r['mfu']):>6}")
+          f"{r['step_ms']:9.1f} {r['tokens_per_s']:10,.0f} {pct(r['mfu']):>6}")
   print(f"wrote {path}")
   return {"rows": rows, "path": str(path)}
 

@@ -49,6 +49,11 @@ def environment() -> dict[str, Any]:
   }
 
 
+def pct(x: float | None) -> str:
+  """0.423 -> '42.3%'; None (not defined on this backend) -> 'n/a'."""
+  return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def write_results(name: str, payload: dict[str, Any], out_dir: str | os.PathLike | None = None
                   ) -> Path:
   """Writes {environment, **payload} to <out_dir>/<name>_<backend>.json and returns the path.
