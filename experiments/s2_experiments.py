@@ -191,8 +191,10 @@ def main(argv=None):
   grid_png = plot_grid({r["config"]: r["passkey"] for r in rows},
                        out / f"s2_passkey_{backend}{args.tag}.png",
                        title=f"passkey retrieval, exact match ({samples} per cell)")
+  note = ("CPU: S2 layers run the jnp reference (dense attention under the S2 mask), so step "
+          "times measure machine load, not sparsity" if backend != "gpu" else "")
   path = write_results(f"s2_experiments{args.tag}", {
-      "quick": args.quick, "overrides": common, "task_batch": task_batch,
+      "quick": args.quick, "note": note, "overrides": common, "task_batch": task_batch,
       "task_weight": args.task_weight, "digits": digits, "summary": summary, "runs": rows,
       "plots": [loss_png.name, grid_png.name]}, out)
   print(json.dumps(summary, indent=1))
