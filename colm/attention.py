@@ -128,13 +128,14 @@ register_attention("cudnn", _dpa("cudnn"))
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
-                     *, scale: float | None = None) -> jax.Array:
+                     *, scale: float | None = None, mask: jax.Array | None = None) -> jax.Array:
   """One new query per sequence against a cache, reading keys s < lengths[b].
 
   Args:
     q: [B, H, E] the new token's queries.
     k_cache, v_cache: [B, K, S, E].
     lengths: [B] int, number of valid cache entries (the new token's already written).
+    mask: optional bool [B, H, S]; True = head may read the entry (sparse patterns).
   Returns:
     [B, H, E] in q.dtype.
   """
@@ -146,8 +147,12 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
   logits = jnp.einsum("bkge,bkse->bkgs", qg.astype(k_cache.dtype), k_cache,
                       preferred_element_type=jnp.float32) * scale
   valid = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
-  logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+  allowed = valid[:, None, None, :]
+  if mask is not None:
+    allowed = allowed & mask.reshape(b, kh, h // kh, s)
+  logits = jnp.where(allowed, logits, -jnp.inf)
   p = jax.nn.softmax(logits, axis=-1)
+  p = jnp.where(allowed, p, 0.0)  # a row with nothing allowed gives zeros, not NaN
   out = jnp.einsum("bkgs,bkse->bkge", p.astype(v_cache.dtype), v_cache,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, h, e).astype(q.dtype)

@@ -4,6 +4,9 @@ Axis letters: B batch, T query length, S cache length, D hidden, H query heads, 
 E head dim, F FFN width, V vocab. A k-chain forward uses the first k chains of every layer:
 hidden width sum(D_1..D_k), the heads and KV heads those chains own, and the head rows of that
 scale. Chain i never reads chains > i, so the k-chain logits are those of the nested sub-model.
+CoLM-Air (cfg.air): the K/V projections of every chain read chain 1 only, so with a cache every
+chain's KV heads are written at any scale (LM switching); cfg.separate_heads gives each scale its
+own LM head. The method's losses and transformations are in colm/colm.py.
 """
 
 from __future__ import annotations
@@ -93,7 +96,13 @@ class Attention(nnx.Module):
     if kv is not None and t == 1:
       kc = _write_token(kv[0], kk, positions[:, 0])
       vc = _write_token(kv[1], vv, positions[:, 0])
-      out = decode_attention(q[:, 0], kc[:, :kh], vc[:, :kh], positions[:, 0] + 1)[:, None]
+      # A sparse attention function says which cached keys its heads may read at this position
+      # (S2: the head's blocks); without one, decoding attends every entry before it.
+      decode_mask = getattr(get_attention(self.attn_impl), "decode_mask", None)
+      mask = None if decode_mask is None else decode_mask(
+          positions[:, 0], q.shape[2], kh, kc.shape[2])
+      out = decode_attention(q[:, 0], kc[:, :kh], vc[:, :kh], positions[:, 0] + 1,
+                             mask=mask)[:, None]
       new_kv = (kc, vc)
     else:
       out = get_attention(self.attn_impl)(q, kk[:, :, :kh], vv[:, :, :kh], causal=True)

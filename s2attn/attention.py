@@ -104,6 +104,16 @@ def make_s2_attention(**options) -> AttentionFn:
   o = parse_options(**options)
   fn = functools.partial(s2_attention, pattern=o.pattern, per_kv_head=o.per_kv_head, impl=o.impl)
   fn.__name__ = "s2_attention"  # type: ignore[attr-defined]
+
+  def decode_mask(positions: jax.Array, num_heads: int, num_kv_heads: int,
+                  cache_len: int) -> jax.Array:
+    """bool [B, H, S]: the cache entries each head may read from query positions [B] (the
+    decoder's dense-cache decode path applies it, so S2 models decode with their pattern)."""
+    nkv = num_kv_heads if o.per_kv_head else None
+    one = lambda p: o.pattern.token_mask(num_heads, p[None], jnp.arange(cache_len), nkv)[:, 0]
+    return jax.vmap(one)(positions)
+
+  fn.decode_mask = decode_mask  # type: ignore[attr-defined]
   return fn
 
 

@@ -101,3 +101,21 @@ def test_hybrid_decoder_trains_a_step_and_decodes():
   prompts = [[5, 6, 7] * 7, [9] * 40]
   out = np.asarray(s2_generate(model, prompts, max_new_tokens=12))
   assert out.shape == (2, 12) and (out >= 0).all() and (out < cfg.vocab_size).all()
+
+
+def test_kvcache_decode_of_s2_model_matches_full_forward():
+  """The generic decoder's cache path applies each S2 head's pattern at decode time."""
+  from kvcache import decode_step, init_cache, prefill
+
+  spec = "s2:block_size=16,local_blocks=1,vert_stride=2"
+  cfg = ModelConfig.tiny(layer_attn=(spec, "reference"), max_seq_len=96)
+  model = Decoder(cfg, rngs=nnx.Rngs(int(np.random.randint(1 << 30))))
+  tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 72), 0, 97)
+  full = model(tokens)
+  graphdef, params = nnx.split(model)
+  cache = init_cache(cfg, 2, 96)
+  logits, cache = prefill(graphdef, params, tokens[:, :40], jnp.array([40, 40]), cache)
+  np.testing.assert_allclose(logits, full[:, :40], atol=2e-5)
+  for t in range(40, 72):
+    step, cache = decode_step(graphdef, params, tokens[:, t], cache)
+    np.testing.assert_allclose(step, full[:, t], atol=2e-5, err_msg=f"position {t}")
