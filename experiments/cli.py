@@ -48,12 +48,13 @@ def _cmd_train(args) -> int:
 
 
 def _run_dir(arg: str, overrides: list[str]) -> Path:
-  p = Path(arg)
-  if (p / "config.yaml").is_file():
-    return p
   from experiments.config import load_config
-  cfg = load_config(arg, overrides)
-  return Path(cfg.out_dir) / cfg.name
+  p = Path(arg)
+  if not (p / "config.yaml").is_file():
+    cfg = load_config(arg, overrides)
+    p = Path(cfg.out_dir) / cfg.name
+  stages = load_config(p / "config.yaml").stages if (p / "config.yaml").is_file() else []
+  return p / f"stage{len(stages) - 1}" if stages else p  # a progressive run: its last stage
 
 
 def _cmd_eval(args) -> int:

@@ -55,6 +55,7 @@ def test_progressive_run_resumes_across_the_stage_boundary_and_extracts(tmp_path
     np.testing.assert_array_equal(np.asarray(px[name]), np.asarray(p0[name]), err_msg=name)
   assert any(np.any(np.asarray(p1[n])[..., 24:] != 0) for n in ("embed", "final_norm.scale"))
   assert cli_main(["extract", str(run), "--chains", "1", "--out", str(tmp_path / "c1")]) == 2
+  assert cli_main(["eval", str(run), "--batches", "1"]) == 0  # the last stage, every scale
 
 
 @pytest.mark.parametrize(
