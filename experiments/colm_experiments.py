@@ -132,6 +132,22 @@ def run_variant(name: str, quick: bool, out_dir: Path, progress: bool) -> dict:
   }
 
 
+def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str, logy: bool = False):
+  """Labels, grid and legend of one experiment plot; saves it to path and closes it."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if logy:
+    ax.set_yscale("log")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  import matplotlib.pyplot as plt
+  plt.close(fig)
+  return path
+
+
 def plot(results: dict, backend: str, out: Path) -> list[Path]:
   import matplotlib
   matplotlib.use("Agg")
@@ -145,15 +161,9 @@ def plot(results: dict, backend: str, out: Path) -> list[Path]:
     v = r["curves"]["val"]
     ax.plot([p["step"] for p in v], [p["val_loss"] for p in v], "o-", ms=3,
             label=f"{r['name']} ({r['params'] / 1e6:.2f}M)")
-  ax.set_xlabel("step (equal tokens per step)")
-  ax.set_ylabel("validation cross-entropy, full model")
-  ax.set_title(f"CoLM vs Transformer at equal parameters ({backend})")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(out / f"colm_loss_{backend}.png")
-  fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
+  paths.append(_finish(fig, ax, out / f"colm_loss_{backend}.png", "step (equal tokens per step)",
+                       "validation cross-entropy, full model",
+                       f"CoLM vs Transformer at equal parameters ({backend})"))
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in rows:
@@ -163,16 +173,9 @@ def plot(results: dict, backend: str, out: Path) -> list[Path]:
   base = next((r for r in rows if r["name"] == "baseline"), None)
   if base:
     ax.axhline(base["val_ppl"], color="k", ls="--", lw=1, label="baseline (full)")
-  ax.set_xlabel("scale: width of chains 1..k / d_model")
-  ax.set_ylabel("validation perplexity")
-  ax.set_yscale("log")
-  ax.set_title(f"Nested sub-models: perplexity per scale ({backend})")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  paths.append(out / f"colm_scales_{backend}.png")
-  fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
+  paths.append(_finish(fig, ax, out / f"colm_scales_{backend}.png",
+                       "scale: width of chains 1..k / d_model", "validation perplexity",
+                       f"Nested sub-models: perplexity per scale ({backend})", logy=True))
 
   prog = next((r for r in rows if r["name"] == "progressive"), None)
   scratch = next((r for r in rows if r["name"] == "c16x2"), None)
@@ -182,15 +185,9 @@ def plot(results: dict, backend: str, out: Path) -> list[Path]:
       v = r["curves"]["val"]
       ax.plot([p["step"] for p in v], [p["val_loss"] for p in v], "o-", ms=3, label=lab)
     ax.axvline(prog["stages"][0]["steps"], color="gray", ls=":", lw=1)
-    ax.set_xlabel("step (equal tokens per step)")
-    ax.set_ylabel("validation cross-entropy, current model")
-    ax.set_title(f"Progressive chain scaling vs scratch ({backend})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / f"colm_progressive_{backend}.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, out / f"colm_progressive_{backend}.png",
+                         "step (equal tokens per step)", "validation cross-entropy, current model",
+                         f"Progressive chain scaling vs scratch ({backend})"))
   return paths
 
 

@@ -171,6 +171,14 @@ def _fwd_kernel(cols_ref, count_ref, nfull_ref, q_ref, k_ref, v_ref, o_ref, lse_
   lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
 
+def _row_index_specs(n: int, W: int, lmap):
+  """BlockSpecs of the per-row block lists (cols [L, n, W], count [L, n], nfull [L, n]) that
+  the forward and dQ kernels walk: each program reads its head's lists whole."""
+  return (pl.BlockSpec((None, n, W), lambda i, b, h: (lmap(h), 0, 0)),
+          pl.BlockSpec((None, n), lambda i, b, h: (lmap(h), 0)),
+          pl.BlockSpec((None, n), lambda i, b, h: (lmap(h), 0)))
+
+
 def _forward(cfg: _Config, q, k, v, index):
   """q [B, Tp, H, E], k/v [B, Tp, K, E] -> (o [B, Tp, H, E], lse2 [B, H, Tp] f32)."""
   B, Tp, H, E = q.shape
@@ -183,9 +191,7 @@ def _forward(cfg: _Config, q, k, v, index):
       functools.partial(_fwd_kernel, cfg=cfg, num_blocks=n),
       grid=(n, B, H),
       in_specs=[
-          pl.BlockSpec((None, n, W), lambda i, b, h: (lmap(h), 0, 0)),
-          pl.BlockSpec((None, n), lambda i, b, h: (lmap(h), 0)),
-          pl.BlockSpec((None, n), lambda i, b, h: (lmap(h), 0)),
+          *_row_index_specs(n, W, lmap),
           pl.BlockSpec((None, bs, None, E), qmap),
           pl.BlockSpec((None, Tp, None, E), lambda i, b, h: (b, 0, h // G, 0)),
           pl.BlockSpec((None, Tp, None, E), lambda i, b, h: (b, 0, h // G, 0)),
@@ -299,9 +305,7 @@ def _backward_kernels(cfg: _Config, q, k, v, index, do, lse, delta):
       functools.partial(_dq_kernel, cfg=cfg, num_blocks=n),
       grid=(n, B, H),
       in_specs=[
-          pl.BlockSpec((None, n, W), lambda i, b, h: (lmap(h), 0, 0)),
-          pl.BlockSpec((None, n), lambda i, b, h: (lmap(h), 0)),
-          pl.BlockSpec((None, n), lambda i, b, h: (lmap(h), 0)),
+          *_row_index_specs(n, W, lmap),
           pl.BlockSpec((None, bs, None, E), qmap),
           kv_full, kv_full,
           pl.BlockSpec((None, bs, None, E), qmap),
