@@ -1,8 +1,8 @@
 """S2-Attention benchmarks: decode-cache bytes, train step time and decode tokens/s vs dense.
 
-    python -m experiments.bench_s2 cache                  # analytic 8K/32K/128K + real 8K (CPU ok)
-    python -m experiments.bench_s2 all --quick            # everything at toy sizes on the CPU
-    python -m experiments.bench_s2 all                    # GPU: 32K train step, 32K decode
+    python -m experiments bench s2 cache                  # analytic 8K/32K/128K + real 8K (CPU ok)
+    python -m experiments bench s2 all --quick            # everything at toy sizes on the CPU
+    python -m experiments bench s2 all                    # GPU: 32K train step, 32K decode
 
 `cache` writes results/s2_cache_<backend>.json: bytes of the per-head compressed cache
 (kvcache.s2_cache) against the dense KVCache for the base model (12 layers, 12 query / 4 KV
@@ -168,7 +168,8 @@ def time_decode(model, context: int, new: int, s2: bool) -> dict:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(prog="python -m experiments bench s2",
+                               description=__doc__.splitlines()[0])
   ap.add_argument("what", choices=["cache", "train", "decode", "all"])
   ap.add_argument("--quick", action="store_true", help="toy sizes (CPU)")
   ap.add_argument("--seq", type=int, default=None, help="train / decode context")

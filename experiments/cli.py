@@ -22,6 +22,7 @@ BENCHMARKS = {
     "decode": "experiments.bench_decode",
     "attention": "experiments.bench_attention",
     "colm": "experiments.bench_colm",
+    "s2": "experiments.bench_s2",
 }
 TOOLS = {"report": "experiments.report"}
 
