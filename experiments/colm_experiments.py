@@ -63,25 +63,35 @@ def _overrides(model: dict, run: dict) -> list[str]:
   return [f"model.{k}={v}" for k, v in model.items()] + [f"{k}={v}" for k, v in run.items()]
 
 
-def variant_config(name: str, quick: bool, out_dir: Path):
-  """The TrainConfig of a variant: the YAML as it is (--quick), or at GPU sizes, FFN re-matched."""
+def gpu_run(steps: int | None = None) -> dict:
+  """GPU_RUN, or a shorter run of `steps` steps with warm-up, evaluation and saving scaled."""
+  if not steps:
+    return dict(GPU_RUN)
+  return dict(GPU_RUN, steps=steps, warmup_steps=max(1, steps // 20),
+              eval_every=max(1, steps // 16), save_every=max(1, steps // 4))
+
+
+def variant_config(name: str, quick: bool, out_dir: Path, steps: int | None = None):
+  """The TrainConfig of a variant: the YAML as it is (--quick), or at GPU sizes, FFN re-matched
+  (`steps` shortens the GPU run)."""
   base = [f"out_dir={out_dir}", "max_minutes=0"]
   if quick:
     return load_config(VARIANTS[name], base)
-  target = load_config(VARIANTS["baseline"], base + _overrides(GPU_MODEL, GPU_RUN))
+  run = gpu_run(steps)
+  target = load_config(VARIANTS["baseline"], base + _overrides(GPU_MODEL, run))
   target_params = target.model_config().num_params()
   if name == "baseline":
     return target
   if name == "progressive":  # stage 0: half of c16x2 (width, heads, FFN); then + a chain
-    full = variant_config("c16x2", quick, out_dir).model_config()
+    full = variant_config("c16x2", quick, out_dir, steps).model_config()
     half = dict(GPU_MODEL, d_model=full.d_model // 2, n_heads=full.n_heads // 2,
                 n_kv_heads=full.n_kv_heads // 2, ffn_dim=full.ffn_dim // 2)
-    run = dict(GPU_RUN, stages=f"[{{steps: {GPU_RUN['steps'] // 2}}}, {{add_chain: "
-                                f"{full.d_model // 2}, steps: {GPU_RUN['steps'] // 2}}}]")
+    run = dict(run, stages=f"[{{steps: {run['steps'] // 2}}}, {{add_chain: "
+                           f"{full.d_model // 2}, steps: {run['steps'] // 2}}}]")
     return load_config(VARIANTS[name], base + _overrides(half, run))
-  cfg = load_config(VARIANTS[name], base + _overrides(GPU_MODEL, GPU_RUN))
+  cfg = load_config(VARIANTS[name], base + _overrides(GPU_MODEL, run))
   ffn = match_ffn(cfg.model_config(), target_params, multiple=16).ffn_dim
-  return load_config(VARIANTS[name], base + _overrides(dict(GPU_MODEL, ffn_dim=ffn), GPU_RUN))
+  return load_config(VARIANTS[name], base + _overrides(dict(GPU_MODEL, ffn_dim=ffn), run))
 
 
 def _rows(path: Path) -> list[dict]:
@@ -108,9 +118,10 @@ def read_curves(run_dir: Path, cfg) -> dict:
   return {"train": train, "val": val, "train_wall_s": wall}
 
 
-def run_variant(name: str, quick: bool, out_dir: Path, progress: bool) -> dict:
+def run_variant(name: str, quick: bool, out_dir: Path, progress: bool,
+                steps: int | None = None) -> dict:
   from experiments.train import train
-  cfg = variant_config(name, quick, out_dir)
+  cfg = variant_config(name, quick, out_dir, steps)
   mc = cfg.model_config()
   train(cfg, progress=progress)
   curves = read_curves(out_dir / cfg.name, cfg)
@@ -191,6 +202,20 @@ def plot(results: dict, backend: str, out: Path) -> list[Path]:
   return paths
 
 
+def write_all(rows: list[dict], quick: bool, backend: str, out: str | None):
+  """Results JSON and plots of the variants trained so far."""
+  summary = [{"variant": r["name"], "chains": r["chains"], "air": r["air"], "params": r["params"],
+              "tokens": r["tokens"], "val_loss": r["val_loss"], "val_ppl": r["val_ppl"],
+              "val_ppl_per_scale": [round(p, 2) for p in r["val_ppl_scales"]],
+              "wall_s": r["wall_s"]} for r in rows]
+  results = {"mode": "quick" if quick else "full", "rows": summary, "variants": rows,
+             "matching": "equal vocab, d_model, heads, head_dim, depth, data and tokens; ffn_dim "
+                         "widened per CoLM/Air variant to the baseline's parameter count"}
+  path = write_results("colm_experiments", results, out)
+  plots = plot(results, backend, Path(out or RESULTS_DIR))
+  return results, path, plots
+
+
 def main(argv: list[str] | None = None) -> dict:
   ap = argparse.ArgumentParser(prog="python -m experiments.colm_experiments")
   ap.add_argument("--quick", action="store_true", help="CPU sizes (the YAMLs as written)")
@@ -199,10 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--fresh", action="store_true", help="delete the run folders first")
   ap.add_argument("--out", default=None, help="results folder (default results/)")
   ap.add_argument("--no-progress", action="store_true")
+  ap.add_argument("--steps", type=int, default=None,
+                  help=f"GPU sizes only: steps per variant (default {GPU_RUN['steps']})")
   args = ap.parse_args(argv)
+  if args.steps and args.quick:
+    ap.error("--steps applies to the GPU sizes; --quick runs the YAMLs as written")
   import jax
   backend = jax.default_backend()
-  out_dir = Path(args.runs) / ("quick" if args.quick else "full")
+  out_dir = Path(args.runs) / ("quick" if args.quick else f"full{args.steps or ''}")
   if args.fresh and out_dir.exists():
     shutil.rmtree(out_dir)
   names = [n for n in args.only.split(",") if n] or list(VARIANTS)
@@ -212,16 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
   rows = []
   for n in names:
     print(f"=== {n} ===", flush=True)
-    rows.append(run_variant(n, args.quick, out_dir, not args.no_progress))
-  summary = [{"variant": r["name"], "chains": r["chains"], "air": r["air"], "params": r["params"],
-              "tokens": r["tokens"], "val_loss": r["val_loss"], "val_ppl": r["val_ppl"],
-              "val_ppl_per_scale": [round(p, 2) for p in r["val_ppl_scales"]],
-              "wall_s": r["wall_s"]} for r in rows]
-  results = {"mode": "quick" if args.quick else "full", "rows": summary, "variants": rows,
-             "matching": "equal vocab, d_model, heads, head_dim, depth, data and tokens; ffn_dim "
-                         "widened per CoLM/Air variant to the baseline's parameter count"}
-  path = write_results("colm_experiments", results, args.out)
-  plots = plot(results, backend, Path(args.out or RESULTS_DIR))
+    rows.append(run_variant(n, args.quick, out_dir, not args.no_progress, args.steps))
+    # Rewritten after every variant, so a run cut short keeps what it finished.
+    results, path, plots = write_all(rows, args.quick, backend, args.out)
   print(f"\n{'variant':16} {'chains':14} {'air':>4} {'params':>8} {'tokens':>9} "
         f"{'val ppl per scale (chains 1..k)':>34} {'wall s':>7}")
   for r in rows:

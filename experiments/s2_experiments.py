@@ -140,6 +140,33 @@ def plot_losses(rows: list[dict], path: Path) -> Path:
   return path
 
 
+def write_all(rows, args, common, task_batch, digits, samples):
+  """Summary rows, results JSON and both plots of the configs trained so far."""
+  dense = next((r for r in rows if r["config"] == "s2_dense"), None)
+  summary = []
+  for r in rows:
+    s = {"config": r["config"], "val_loss": r["val_loss"], "passkey_mean": r["passkey"]["mean"],
+         "step_s_median": r["step_s_median"]}
+    if dense is not None:
+      s["val_loss_vs_dense"] = r["val_loss"] / dense["val_loss"] - 1.0
+      s["step_speedup_vs_dense"] = dense["step_s_median"] / r["step_s_median"]
+    summary.append(s)
+  backend = jax.default_backend()
+  out = Path(args.out or RESULTS_DIR)
+  out.mkdir(parents=True, exist_ok=True)
+  loss_png = plot_losses(rows, out / f"s2_loss_{backend}{args.tag}.png")
+  grid_png = plot_grid({r["config"]: r["passkey"] for r in rows},
+                       out / f"s2_passkey_{backend}{args.tag}.png",
+                       title=f"passkey retrieval, exact match ({samples} per cell)")
+  note = ("CPU: S2 layers run the jnp reference (dense attention under the S2 mask), so step "
+          "times measure machine load, not sparsity" if backend != "gpu" else "")
+  path = write_results(f"s2_experiments{args.tag}", {
+      "quick": args.quick, "note": note, "overrides": common, "task_batch": task_batch,
+      "task_weight": args.task_weight, "digits": digits, "summary": summary, "runs": rows,
+      "plots": [loss_png.name, grid_png.name]}, out)
+  return summary, path, loss_png, grid_png
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="CPU sizes (a few minutes on 2 cores)")
@@ -176,27 +203,8 @@ def main(argv=None):
     rows.append(run_config(name, ov, data=data, task_batch=task_batch,
                            task_weight=args.task_weight, grid_lengths=lengths,
                            grid_depths=depths, grid_samples=samples, digits=digits))
-  dense = next((r for r in rows if r["config"] == "s2_dense"), None)
-  summary = []
-  for r in rows:
-    s = {"config": r["config"], "val_loss": r["val_loss"], "passkey_mean": r["passkey"]["mean"],
-         "step_s_median": r["step_s_median"]}
-    if dense is not None:
-      s["val_loss_vs_dense"] = r["val_loss"] / dense["val_loss"] - 1.0
-      s["step_speedup_vs_dense"] = dense["step_s_median"] / r["step_s_median"]
-    summary.append(s)
-  backend = jax.default_backend()
-  out = Path(args.out or RESULTS_DIR)
-  loss_png = plot_losses(rows, out / f"s2_loss_{backend}{args.tag}.png")
-  grid_png = plot_grid({r["config"]: r["passkey"] for r in rows},
-                       out / f"s2_passkey_{backend}{args.tag}.png",
-                       title=f"passkey retrieval, exact match ({samples} per cell)")
-  note = ("CPU: S2 layers run the jnp reference (dense attention under the S2 mask), so step "
-          "times measure machine load, not sparsity" if backend != "gpu" else "")
-  path = write_results(f"s2_experiments{args.tag}", {
-      "quick": args.quick, "note": note, "overrides": common, "task_batch": task_batch,
-      "task_weight": args.task_weight, "digits": digits, "summary": summary, "runs": rows,
-      "plots": [loss_png.name, grid_png.name]}, out)
+    # Results are rewritten after every config, so a run cut short keeps what it finished.
+    summary, path, loss_png, grid_png = write_all(rows, args, common, task_batch, digits, samples)
   print(json.dumps(summary, indent=1))
   print(f"wrote {path}, {loss_png}, {grid_png}")
 
