@@ -56,16 +56,15 @@ def parse_attention_spec(spec: str) -> tuple[str, dict[str, object]]:
 
 def known_attention() -> list[str]:
   """Names an attention spec may start with."""
-  return sorted(set(_REGISTRY) | set(_FACTORIES) | set(PLUGINS) | {"auto"})
+  return sorted(set(_REGISTRY) | set(_FACTORIES) | set(PLUGINS))
 
 
 @functools.cache
 def get_attention(spec: str) -> AttentionFn:
-  """Looks up an attention function by name or 'name:options'; 'auto' is cuDNN on GPU and the
-  jnp reference elsewhere. An unknown name is a ValueError listing the known ones."""
+  """Looks up an attention function by name or 'name:options'; 'auto' is cuDNN on GPU (XLA for
+  float32) and the jnp reference elsewhere. An unknown name is a ValueError listing the known
+  ones."""
   name, opts = parse_attention_spec(spec)
-  if name == "auto":
-    name = "cudnn" if jax.default_backend() == "gpu" else "reference"
   if name in PLUGINS and name not in _FACTORIES and name not in _REGISTRY:
     importlib.import_module(PLUGINS[name])
   if name in _FACTORIES:
@@ -122,9 +121,20 @@ def _dpa(implementation: str | None) -> AttentionFn:
   return fn
 
 
+def auto_attention(q, k, v, *, causal: bool = True, scale: float | None = None) -> jax.Array:
+  """cuDNN flash attention on GPU for 16-bit inputs, XLA's attention on GPU for others (cuDNN
+  takes only fp16/bf16/fp8), the jnp reference on CPU. Chosen at trace time."""
+  if jax.default_backend() != "gpu":
+    return reference_attention(q, k, v, causal=causal, scale=scale)
+  impl = "cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                      implementation=impl)
+
+
 register_attention("reference", reference_attention)
 register_attention("xla", _dpa("xla"))
 register_attention("cudnn", _dpa("cudnn"))
+register_attention("auto", auto_attention)
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,

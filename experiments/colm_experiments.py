@@ -41,9 +41,9 @@ VARIANTS = {  # name -> config file
     "c16x2_fullonly": "colm_c16x2_fullonly",
     "progressive": "colm_progressive",
 }
-# GPU mode: a ~30M-parameter model (without its FFN re-matching) on 4000 x 32 x 512 tokens.
+# GPU mode: a ~30M-parameter bf16 model (without its FFN re-matching) on 4000 x 32 x 512 tokens.
 GPU_MODEL = dict(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64,
-                 ffn_dim=1536, max_seq_len=512)
+                 ffn_dim=1536, max_seq_len=512, dtype="bfloat16")
 GPU_RUN = dict(steps=4000, batch_size=32, seq_len=512, warmup_steps=200, eval_every=250,
                eval_batches=16, save_every=1000, log_every=50, lr=1.5e-3)
 

@@ -60,9 +60,19 @@ def _ce(logits, targets, weights=None):
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def task_shapes(seq: int, task_batch: int, mixed: bool) -> list[tuple[int, int]]:
+  """(batch, length) of the passkey batches, cycled over the steps: all at `seq`, or (mixed)
+  seq/8, seq/4, seq/2 and seq with the batch scaled to the same number of tokens, so that the
+  short needle-to-question distances that make the copy easy to find come often."""
+  if not mixed:
+    return [(task_batch, seq)]
+  return [(max(1, task_batch * seq // n), n) for n in (seq // 8, seq // 4, seq // 2, seq)
+          if n >= 32]
+
+
 def run_config(name: str, overrides: list[str], *, data, task_batch: int, task_weight: float,
-               grid_lengths, grid_depths, grid_samples: int, digits: int = 3, seed: int = 0
-               ) -> dict:
+               grid_lengths, grid_depths, grid_samples: int, digits: int = 3, seed: int = 0,
+               mixed_lengths: bool = False) -> dict:
   """Trains one config (corpus + passkey) and evaluates it; returns its results row."""
   from experiments.train import Trainer
   cfg = load_config(name, overrides)
@@ -88,11 +98,13 @@ def run_config(name: str, overrides: list[str], *, data, task_batch: int, task_w
 
   val_loss = jax.jit(lambda p, b: _ce(codec.merge(p)(b[:, :-1]), b[:, 1:]))
   rng = np.random.default_rng(seed)
+  shapes = task_shapes(cfg.seq_len, task_batch, mixed_lengths)
   curve, times = [], []
   t_start = time.time()
   for s in range(cfg.steps):
     lm = data.batch("train", s, cfg.batch_size, cfg.seq_len, cfg.seed)
-    tt, w = task.batch(rng, task_batch, cfg.seq_len + 1)
+    tb, tl = shapes[s % len(shapes)]
+    tt, w = task.batch(rng, tb, tl + 1)
     t0 = time.perf_counter()
     params, opt_state, lm_loss, task_loss = step(params, opt_state, lm, tt, w)
     lm_loss, task_loss = float(lm_loss), float(task_loss)
@@ -162,7 +174,8 @@ def write_all(rows, args, common, task_batch, digits, samples):
           "times measure machine load, not sparsity" if backend != "gpu" else "")
   path = write_results(f"s2_experiments{args.tag}", {
       "quick": args.quick, "note": note, "overrides": common, "task_batch": task_batch,
-      "task_weight": args.task_weight, "digits": digits, "summary": summary, "runs": rows,
+      "task_weight": args.task_weight, "mixed_lengths": args.mixed_lengths, "digits": digits,
+      "summary": summary, "runs": rows,
       "plots": [loss_png.name, grid_png.name]}, out)
   return summary, path, loss_png, grid_png
 
@@ -176,6 +189,8 @@ def main(argv=None):
   ap.add_argument("--task-weight", type=float, default=1.0)
   ap.add_argument("--digits", type=int, default=None, help="passkey value digits")
   ap.add_argument("--samples", type=int, default=None, help="passkey examples per grid cell")
+  ap.add_argument("--mixed-lengths", action="store_true",
+                  help="passkey batches cycle over seq/8 .. seq tokens (equal tokens per step)")
   ap.add_argument("--tag", default="", help="suffix of the results names")
   ap.add_argument("--out", default=None, help="results folder (default results/)")
   ap.add_argument("overrides", nargs="*", help="key=value config overrides for every config")
@@ -202,7 +217,8 @@ def main(argv=None):
     print(f"{name}: training", flush=True)
     rows.append(run_config(name, ov, data=data, task_batch=task_batch,
                            task_weight=args.task_weight, grid_lengths=lengths,
-                           grid_depths=depths, grid_samples=samples, digits=digits))
+                           grid_depths=depths, grid_samples=samples, digits=digits,
+                           mixed_lengths=args.mixed_lengths))
     # Results are rewritten after every config, so a run cut short keeps what it finished.
     summary, path, loss_png, grid_png = write_all(rows, args, common, task_batch, digits, samples)
   print(json.dumps(summary, indent=1))
