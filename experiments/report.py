@@ -74,6 +74,7 @@ class TableSpec:
 
   columns: tuple[tuple[str, str, Formatter], ...]  # (header, row key, cell formatter)
   note: Callable[[dict], str | None] = lambda payload: None  # a line under the table, from extras
+  keep: Callable[[dict], bool] = lambda row: True  # which rows the table shows
 
 
 def _train_note(p: dict) -> str | None:
@@ -87,6 +88,31 @@ def _decode_note(p: dict) -> str | None:
     return None
   return (f"Roofline step: bytes of weights + KV attended, over the measured copy bandwidth "
           f"({bw:,.0f} GB/s).")
+
+
+def _x(v: float) -> str:
+  return f"{v:.2f}x"
+
+
+def _signed_pct(v: float) -> str:
+  return f"{100 * v:+.1f}%"
+
+
+def _s_to_ms(v: float) -> str:
+  return _ms(1e3 * v)
+
+
+def _mib(v: int) -> str:
+  return f"{v / 2**20:,.1f}"
+
+
+def _s2_bench_note(p: dict) -> str | None:
+  shape = p.get("shape", {})
+  return (f"Context {p.get('seq')} tokens, batch 1, {p.get('dtype')}; {shape.get('n_layers')} "
+          f"layers, d_model {shape.get('d_model')}, {shape.get('heads')} heads / "
+          f"{shape.get('kv_heads')} KV heads; S2 block {p.get('block_size')}, local "
+          f"{p.get('local_blocks')} blocks, vertical stride {p.get('stride')}. `s2_hybrid4`: the "
+          f"last layer of four dense.")
 
 
 SPECS: dict[str, TableSpec] = {
@@ -104,7 +130,78 @@ SPECS: dict[str, TableSpec] = {
                  ("roofline ms", "roofline_step_ms", _ms), ("tokens/s", "tokens_per_s", _rate),
                  ("% of roofline", "roofline_fraction", _pct)),
         note=_decode_note),
+    "colm_train": TableSpec(
+        columns=(("variant", "variant", _plain), ("chains", "chains", _plain),
+                 ("params", "params", _count), ("ffn_dim", "ffn_dim", _plain),
+                 ("step ms", "step_ms", _ms), ("tokens/s", "tokens_per_s", _rate),
+                 ("vs (1,)", "vs_baseline", _x)),
+        note=lambda p: f"Batch {p.get('train_batch')} x {p.get('train_seq')} tokens, "
+                       f"{p.get('dtype')}; forward, backward and AdamW in one jit step."),
+    "colm_prefill": TableSpec(
+        columns=(("chains", "chains", _plain), ("prompt", "prompt_tokens", _plain),
+                 ("params", "params", _count), ("chain-1 params", "chain1_params", _count),
+                 ("full ms", "full_ms", _ms), ("chain-1 ms", "chain1_ms", _ms),
+                 ("speed-up", "speedup", _x), ("same argmax", "same_argmax", _plain)),
+        note=lambda p: "CoLM-Air, batch 1, bf16: `prefill_last` (all chains over the prompt) "
+                       "against `air_prefill` (chain 1 over the prompt, the last token through "
+                       "all chains); same cache and first-token logits."),
+    "colm_experiments": TableSpec(
+        columns=(("variant", "variant", _plain), ("chains", "chains", _plain),
+                 ("Air", "air", _plain), ("params", "params", _count),
+                 ("tokens", "tokens", _count), ("val loss", "val_loss", _plain),
+                 ("val ppl", "val_ppl", _plain),
+                 ("val ppl per scale (1..k chains)", "val_ppl_per_scale", _plain),
+                 ("wall s", "wall_s", lambda v: f"{v:.0f}"))),
+    "s2_cache": TableSpec(
+        columns=(("variant", "variant", _plain), ("tokens", "tokens", _plain),
+                 ("heads cover context", "heads_cover_context", _plain),
+                 ("dense MiB", "dense_bytes", _mib), ("S2 MiB", "s2_bytes", _mib),
+                 ("smaller by", "ratio", _x)),
+        note=lambda p: f"Decode cache of {p.get('model')}, local window "
+                       f"{p.get('local_window_tokens')} tokens; S2 bytes include the int32 "
+                       f"position index. 32K rows shown; 8K and 128K are in the JSON.",
+        keep=lambda r: r.get("tokens") == 32768),
+    "s2_bench": TableSpec(
+        columns=(("part", "part", _plain), ("stack", "variant", _plain),
+                 ("train step ms", "step_s", _s_to_ms), ("train tokens/s", "tokens_per_s", _rate),
+                 ("decode ms/token", "decode_ms_per_token", _ms),
+                 ("decode tokens/s", "decode_tokens_per_s", _rate),
+                 ("cache MiB", "cache_bytes", _mib),
+                 ("cache smaller by", "cache_ratio_vs_dense", _x),
+                 ("speed-up vs dense", "speedup_vs_dense", _x)),
+        note=_s2_bench_note),
+    "s2_experiments": TableSpec(
+        columns=(("config", "config", _plain), ("val loss", "val_loss", _plain),
+                 ("vs dense", "val_loss_vs_dense", _signed_pct),
+                 ("passkey exact match", "passkey_mean", _pct),
+                 ("step ms", "step_s_median", _s_to_ms),
+                 ("step speed-up", "step_speedup_vs_dense", _x)),
+        note=lambda p: "; ".join(filter(None, [", ".join(
+            f"{k} = {_plain(p[k])}" for k in ("task_batch", "task_weight", "mixed_lengths",
+                                              "digits") if k in p), p.get("note")])) or None),
 }
+
+
+def spec_for(name: str) -> TableSpec | None:
+  """The spec of a benchmark name, or of its longest known prefix ('s2_experiments_passkey' ->
+  's2_experiments': a tagged run of the same benchmark)."""
+  for key in sorted(SPECS, key=len, reverse=True):
+    if name == key or name.startswith(key + "_"):
+      return SPECS[key]
+  return None
+
+
+def table_rows(payload: dict) -> list[dict]:
+  """The rows of a results payload: `rows`, else `summary`, else one row per entry of each
+  {section: {variant: {...}}} mapping (with `part` and `variant` keys)."""
+  rows = payload.get("rows") or payload.get("summary")
+  if rows is None:
+    rows = [{"part": part, "variant": name, **vals}
+            for part, section in payload.items() if isinstance(section, dict)
+            and section and all(isinstance(v, dict) for v in section.values())
+            for name, vals in section.items()
+            if part != "environment"]
+  return [r for r in rows if isinstance(r, dict)]
 
 
 def _is_scalar(v: Any) -> bool:
@@ -116,12 +213,12 @@ def _is_scalar(v: Any) -> bool:
 def _generic_spec(payload: dict) -> TableSpec:
   """Every scalar column of the rows, in order of first appearance; top-level scalars as a note."""
   keys: dict[str, None] = {}
-  for row in payload.get("rows", []):
+  for row in table_rows(payload):
     for k, v in row.items():
       if _is_scalar(v):
         keys.setdefault(k)
   extras = {k: v for k, v in payload.items()
-            if k not in ("name", "environment", "rows") and _is_scalar(v)}
+            if k not in ("name", "environment", "rows", "summary") and _is_scalar(v)}
   note = ", ".join(f"{k} = {_plain(v)}" for k, v in extras.items()) or None
   return TableSpec(columns=tuple((k, k, _plain) for k in keys), note=lambda p: note)
 
@@ -132,15 +229,15 @@ def environment_line(env: dict) -> str:
   """'NVIDIA H200, JAX 0.11.2, commit 7e6ddea1, 2026-11-26' from a results file's environment."""
   commit = str(env.get("commit", "unknown"))
   sha, dirty = commit.removesuffix("+dirty"), commit.endswith("+dirty")
-  date = str(env.get("time", "unknown date"))[:10]
+  date = str(env["time"])[:10] if env.get("time") else "unknown date"
   return (f"{env.get('device', 'unknown device')}, JAX {env.get('jax', '?')}, "
           f"commit {sha[:8]}{'+dirty' if dirty else ''}, {date}")
 
 
 def render_table(payload: dict) -> str:
   """One results payload {name, environment, rows, ...} -> a markdown table and its footer."""
-  rows = [r for r in payload.get("rows", []) if isinstance(r, dict)]
-  spec = SPECS.get(payload.get("name", "")) or _generic_spec(payload)
+  spec = spec_for(payload.get("name", "")) or _generic_spec(payload)
+  rows = [r for r in table_rows(payload) if spec.keep(r)]
   cols = [c for c in spec.columns if any(c[1] in r for r in rows)]
   lines = []
   if cols:

@@ -20,7 +20,11 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 
 
 def git_commit() -> str:
-  """The commit of the working tree ('+dirty' when it has uncommitted changes), or 'unknown'."""
+  """$EFFLLM_COMMIT when set (a copy of the tree whose .git is not the tree's own, as on the lent
+  GPU machine), else the commit of the working tree ('+dirty' when it has uncommitted changes),
+  else 'unknown'."""
+  if os.environ.get("EFFLLM_COMMIT"):
+    return os.environ["EFFLLM_COMMIT"]
   root = Path(__file__).resolve().parent.parent
   try:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -29,7 +33,7 @@ def git_commit() -> str:
                            capture_output=True, text=True, check=True).stdout.strip()
     return sha + ("+dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
-    return os.environ.get("EFFLLM_COMMIT", "unknown")
+    return "unknown"
 
 
 def environment() -> dict[str, Any]:

@@ -115,3 +115,35 @@ def test_check_detects_stale_readme(tmp_path, results_dir, capsys):
       {**TRAIN, "rows": [{**TRAIN["rows"][0], "step_ms": 50.0}]}))
   assert report.main([*args, "--check"]) == 1
   assert "out of date" in capsys.readouterr().err
+
+
+def test_section_payload_rows_and_tagged_spec():
+  """s2_bench-style {part: {variant: {...}}} payloads become rows; a tagged name uses its base
+  benchmark's spec and its row filter."""
+  bench = {"name": "s2_bench_v16", "environment": ENV, "seq": 32768, "stride": 16,
+           "train": {"dense": {"step_s": 0.1, "speedup_vs_dense": 1.0},
+                     "s2": {"step_s": 0.04, "speedup_vs_dense": 2.5}},
+           "decode": {"s2": {"decode_ms_per_token": 0.7, "cache_bytes": 2**21}}}
+  rows = report.table_rows(bench)
+  assert [(r["part"], r["variant"]) for r in rows] == [("train", "dense"), ("train", "s2"),
+                                                        ("decode", "s2")]
+  table = report.render_table(bench)
+  assert "| train | s2 | 40.00 | – | – | 2.50x |" in table  # columns no row has are dropped
+  assert "| decode | s2 | – | 0.700 | 2.0 | – |" in table
+  assert report.spec_for("s2_experiments_passkey") is report.SPECS["s2_experiments"]
+  assert report.spec_for("s2_experimentsX") is None
+  cache = {"name": "s2_cache", "environment": ENV, "rows": [
+      {"variant": "v8", "tokens": n, "dense_bytes": 2**20, "s2_bytes": 2**18, "ratio": 4.0}
+      for n in (8192, 32768)]}
+  assert report.render_table(cache).count("| v8 |") == 1  # only the 32K row is shown
+  summary = {"name": "s2_experiments", "environment": ENV, "summary": [
+      {"config": "s2_dense", "val_loss": 2.5, "passkey_mean": 0.5}]}
+  assert "| s2_dense | 2.5 | 50.0% |" in report.render_table(summary)
+
+
+def test_commit_from_environment_wins(monkeypatch):
+  from experiments import results
+  monkeypatch.setenv("EFFLLM_COMMIT", "abc1234")
+  assert results.git_commit() == "abc1234"
+  monkeypatch.delenv("EFFLLM_COMMIT")
+  assert results.git_commit() != "abc1234"
