@@ -1,8 +1,8 @@
 """Block-sparse attention forward: the Pallas kernel against the hand-written jax-triton kernel.
 
-    python -m experiments.bench_triton                       # GPU: T = 8192, 32768
-    python -m experiments.bench_triton --seq 8192 --out /tmp/res
-    python -m experiments.bench_triton --seq 256 --check-seq 256 --batch 1 --heads 2 --repeats 1
+    python -m experiments bench triton                       # GPU: T = 8192, 32768
+    python -m experiments bench triton --seq 8192 --out /tmp/res
+    python -m experiments bench triton --seq 256 --check-seq 256 --batch 1 --heads 2 --repeats 1
                                                              # CPU smoke (Pallas interpret only)
 
 bf16, head_dim 128, batch 4, 16 heads (K/V heads --kv-heads), block 64, causal. Layouts: dense
@@ -134,7 +134,8 @@ def bench(args, dtype, with_triton: bool, checks: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = argparse.ArgumentParser(prog="python -m experiments bench triton", description=__doc__,
+                              formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--seq", default="8192,32768", help="comma-separated sequence lengths")
   p.add_argument("--check-seq", type=int, default=1024, help="sequence length of the check")
   p.add_argument("--batch", type=int, default=4)

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "attention": "experiments.bench_attention",
     "colm": "experiments.bench_colm",
     "s2": "experiments.bench_s2",
+    "triton": "experiments.bench_triton",
 }
 TOOLS = {"report": "experiments.report"}
 
