@@ -298,3 +298,21 @@ def test_config_valid_splits():
     ModelConfig.preset("huge")
   with pytest.raises(ValueError, match="attn_impls"):
     nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), attn_impls=("reference",)))
+
+
+@pytest.mark.parametrize("dtype,impl", [(jnp.float32, "xla"), (jnp.bfloat16, "cudnn"),
+                                        (jnp.float16, "cudnn")])
+def test_auto_attention_picks_cudnn_only_for_16_bit_on_gpu(monkeypatch, dtype, impl):
+  """On GPU, 'auto' sends fp16/bf16 to cuDNN and float32 (which cuDNN rejects) to XLA."""
+  from colm import attention
+  seen = {}
+
+  def fake_dpa(q, k, v, *, is_causal, scale, implementation):
+    seen["impl"] = implementation
+    return q
+
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", fake_dpa)
+  q = jnp.zeros((1, 4, 2, 8), dtype)
+  attention.get_attention("auto")(q, q, q, causal=True)
+  assert seen["impl"] == impl
