@@ -44,7 +44,7 @@ DKERNEL_MS = {"fwd": {8192: 0.58, 32768: 4.3, 65536: 13.7},
               "bwd": {8192: 2.6, 32768: 18.0, 65536: 55.5}}
 
 
-def _time(fn, args, repeats: int, warmup: int = 2) -> float:
+def time_ms(fn, args, repeats: int, warmup: int = 2) -> float:
   """Median wall-clock milliseconds of fn(*args) (synchronised), after warm-up calls."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
@@ -126,7 +126,7 @@ def check_kernels(interpret: bool) -> dict:
   return out
 
 
-def _computed_blocks(layout: np.ndarray, num_heads: int) -> int:
+def computed_blocks(layout: np.ndarray, num_heads: int) -> int:
   """Blocks computed per batch element: causal part of the layout summed over all heads."""
   eff = layout & np.tril(np.ones(layout.shape[1:], bool))[None]
   per_head = eff.sum(axis=(1, 2))
@@ -149,14 +149,14 @@ def _cases(T: int, H: int, dense_block: int, strides: list[int], local: int, til
     print(f"JAX Pallas mha unavailable: {e}")
   n = T // dense_block
   dense = causal_layout(n)
-  blocks = _computed_blocks(dense, H)
+  blocks = computed_blocks(dense, H)
   ours = lambda q, k, v, lay=dense, t=tiles: block_sparse_attention(
       q, k, v, lay, block_size=dense_block, tiles=t)
   cases.append((f"ours_dense_b{dense_block}", ours, 4.0 * E * blocks * dense_block**2, dense))
   for stride in strides:
     n = T // 64
     lay = s2_layout(H, n, local_blocks=local // 64, vert_stride=stride)
-    blocks = _computed_blocks(lay, H)
+    blocks = computed_blocks(lay, H)
     s2 = lambda q, k, v, lay=lay, t=tiles: block_sparse_attention(q, k, v, lay, block_size=64,
                                                                   tiles=t)
     cases.append((f"ours_s2_vs{stride}", s2, 4.0 * E * blocks * 64**2, lay))
@@ -177,10 +177,10 @@ def _sweep(B: int, H: int, repeats: int, T: int = 8192) -> list[dict]:
       attn = lambda q, k, v, lay=lay, t=t, bs=bs: block_sparse_attention(q, k, v, lay,
                                                                          block_size=bs, tiles=t)
       fwd, fb = _fwd_and_fb(attn)
-      flops = B * 4.0 * E * _computed_blocks(lay, H) * bs**2
+      flops = B * 4.0 * E * computed_blocks(lay, H) * bs**2
       try:
-        tf = _time(fwd, (q, k, v), repeats)
-        tfb = _time(fb, (q, k, v, do), repeats)
+        tf = time_ms(fwd, (q, k, v), repeats)
+        tfb = time_ms(fb, (q, k, v, do), repeats)
         row = dict(T=T, block=bs, layout="s2" if lay.shape[0] > 1 else "dense", warps_fwd=wf,
                    stages_fwd=sf, warps_bwd=wb, stages_bwd=sb, fwd_ms=tf, fb_ms=tfb,
                    fwd_tflops=flops / tf / 1e9, bwd_tflops=2.5 * flops / max(tfb - tf, 1e-9) / 1e9)
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
       row = {"impl": impl, "T": T, "fwd_gflop": flops / 1e9}
       try:
         fwd, fb = _fwd_and_fb(attn)
-        row["fwd_ms"] = _time(fwd, (q, k, v), args.repeats)
-        row["fb_ms"] = _time(fb, (q, k, v, do), args.repeats)
+        row["fwd_ms"] = time_ms(fwd, (q, k, v), args.repeats)
+        row["fb_ms"] = time_ms(fb, (q, k, v, do), args.repeats)
         row["bwd_ms"] = row["fb_ms"] - row["fwd_ms"]
         row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
         row["bwd_tflops"] = 2.5 * flops / max(row["bwd_ms"], 1e-9) / 1e9

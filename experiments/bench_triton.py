@@ -19,13 +19,13 @@ Results: results/triton_attention_<backend>.json ({"rows": [...], "checks": [...
 from __future__ import annotations
 
 import argparse
-import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench_attention import computed_blocks, time_ms
 from experiments.results import write_results
 from pallas_kernels import (
   block_sparse_attention,
@@ -36,27 +36,9 @@ from pallas_kernels import (
 from pallas_kernels.triton_block_sparse import block_sparse_attention_triton
 
 
-def _time(fn, args, repeats: int, warmup: int = 2) -> float:
-  """Median wall-clock milliseconds of fn(*args) (synchronised), after warm-up calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
-
-
 def _layouts(H: int, n: int) -> dict[str, np.ndarray]:
   return {"dense": causal_layout(n),
           "s2": s2_layout(H, n, local_blocks=8, vert_stride=16)}
-
-
-def _computed_blocks(layout: np.ndarray, num_heads: int) -> int:
-  """Blocks computed per batch element: the causal part of the layout over all heads."""
-  eff = layout & np.tril(np.ones(layout.shape[1:], bool))[None]
-  return int(eff.sum() * (num_heads // layout.shape[0]))
 
 
 def _impls(layout, block_size: int, with_triton: bool) -> dict:
@@ -114,13 +96,13 @@ def bench(args, dtype, with_triton: bool, checks: list[dict]) -> list[dict]:
   for T in [int(s) for s in args.seq.split(",")]:
     q, k, v = _inputs(jax.random.PRNGKey(T), B, T, H, K, E, dtype)
     for lname, layout in _layouts(H, T // bs).items():
-      flops = 4.0 * B * bs * bs * E * _computed_blocks(layout, H)
+      flops = 4.0 * B * bs * bs * E * computed_blocks(layout, H)
       for impl, fn in _impls(layout, bs, with_triton).items():
         row = {"impl": impl, "layout": lname, "T": T, "fwd_gflop": flops / 1e9}
         if rel.get((impl, lname)) is not None:
           row["max_rel_err"] = rel[(impl, lname)]
         try:
-          row["fwd_ms"] = _time(fn, (q, k, v), args.repeats)
+          row["fwd_ms"] = time_ms(fn, (q, k, v), args.repeats)
           row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
           print(f"{impl:<7} {lname:<6} T={T:>6}: {row['fwd_ms']:.3f} ms, "
                 f"{row['fwd_tflops']:.1f} TFLOP/s", flush=True)
