@@ -127,8 +127,7 @@ def auto_attention(q, k, v, *, causal: bool = True, scale: float | None = None) 
   if jax.default_backend() != "gpu":
     return reference_attention(q, k, v, causal=causal, scale=scale)
   impl = "cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                      implementation=impl)
+  return _REGISTRY[impl](q, k, v, causal=causal, scale=scale)
 
 
 register_attention("reference", reference_attention)

@@ -199,8 +199,7 @@ def table_rows(payload: dict) -> list[dict]:
     rows = [{"part": part, "variant": name, **vals}
             for part, section in payload.items() if isinstance(section, dict)
             and section and all(isinstance(v, dict) for v in section.values())
-            for name, vals in section.items()
-            if part != "environment"]
+            for name, vals in section.items()]
   return [r for r in rows if isinstance(r, dict)]
 
 
