@@ -6,7 +6,13 @@ CoLM-Air. colm.colm holds the method: multi-scale loss, progressive expansion wi
 chains, sub-model extraction.
 """
 
-from colm.attention import decode_attention, get_attention, reference_attention, register_attention
+from colm.attention import (
+    AttentionImpl,
+    get_attention,
+    get_attention_impl,
+    reference_attention,
+    register_attention,
+)
 from colm.colm import (
     build_model,
     expand,
@@ -23,8 +29,8 @@ from colm.layers import ChainLinear, ChainRMSNorm, rope
 from colm.model import Attention, Block, Decoder, FeedForward
 
 __all__ = [
-    "Attention", "Block", "ChainLinear", "ChainRMSNorm", "Decoder", "FeedForward", "ModelConfig",
-    "build_model", "decode_attention", "expand", "expanded_config", "extract", "freeze",
-    "get_attention", "multiscale_loss", "multiscale_losses", "reference_attention",
+    "Attention", "AttentionImpl", "Block", "ChainLinear", "ChainRMSNorm", "Decoder", "FeedForward", "ModelConfig",
+    "build_model", "expand", "expanded_config", "extract", "freeze",
+    "get_attention", "get_attention_impl", "multiscale_loss", "multiscale_losses", "reference_attention",
     "register_attention", "resolve_dtype", "rope", "sub_config", "trainable_mask",
 ]

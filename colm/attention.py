@@ -2,36 +2,66 @@
 
 An attention function maps q [B, T, H, E], k and v [B, S, K, E] (K divides H, grouped-query) to
 [B, T, H, E]. With causal=True query t sits at absolute position S - T + t. Later systems (the
-Pallas block-sparse kernel, S2-Attention) register their own with `register_attention`.
+Pallas block-sparse kernel, S2-Attention) register their own with `register_attention` (or a
+factory for 'name:options' specs); a sparse method also registers the token mask its heads apply
+to cached entries when decoding. Packages outside colm are found through the entry-point group
+`effllm.attention` (setup.cfg), so colm names none of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import importlib
+import importlib.metadata
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 AttentionFn = Callable[..., jax.Array]
-_REGISTRY: dict[str, AttentionFn] = {}
-_FACTORIES: dict[str, Callable[..., AttentionFn]] = {}
-# Implementations living in other packages, imported on first use (they register themselves).
-PLUGINS: dict[str, str] = {"s2": "s2attn.attention"}
+# token_mask(q_pos [B, T], k_pos [B, Kc, N], kv_heads=(first, stop), num_heads, num_kv_heads)
+#   -> bool [B, Kc, G, T, N]: which cached entries each query head may read beyond causality
+#   (entries with 0 <= k_pos <= q_pos); Kc = stop - first KV heads of the cache's head group.
+TokenMaskFn = Callable[..., jax.Array]
 
 
-def register_attention(name: str, fn: AttentionFn) -> AttentionFn:
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+  """A registered attention implementation.
+
+  Attributes:
+    fn: training / prefill attention `fn(q, k, v, *, causal=True, scale=None)`.
+    token_mask: the pattern a sparse method imposes on cached entries at decode time (None =
+      every causal entry); the KV cache applies it through its decode-attention seam.
+  """
+
+  fn: AttentionFn
+  token_mask: TokenMaskFn | None = None
+
+
+_REGISTRY: dict[str, AttentionImpl] = {}
+_FACTORIES: dict[str, Callable[..., AttentionImpl | AttentionFn]] = {}
+# Packages outside colm add implementations through this entry-point group (setup.cfg), so the
+# model package names none of them.
+ENTRY_POINT_GROUP = "effllm.attention"
+
+
+def register_attention(name: str, fn: AttentionFn, token_mask: TokenMaskFn | None = None
+                       ) -> AttentionFn:
   """Makes `fn(q, k, v, *, causal=True)` selectable as attn_impl=name."""
-  _REGISTRY[name] = fn
+  _REGISTRY[name] = AttentionImpl(fn, token_mask)
+  get_attention_impl.cache_clear()
   return fn
 
 
-def register_attention_factory(name: str, factory: Callable[..., AttentionFn]) -> None:
+def register_attention_factory(name: str,
+                               factory: Callable[..., AttentionImpl | AttentionFn]) -> None:
   """Makes `factory(**options)` selectable as attn_impl='name:key=value,key=value' (e.g. a
-  sparse pattern's parameters); the options are ints, floats, booleans or strings."""
+  sparse pattern's parameters); the options are ints, floats, booleans or strings. The factory
+  returns an AttentionImpl (function and decode-time token mask) or a bare function."""
   _REGISTRY.pop(name, None)
   _FACTORIES[name] = factory
+  get_attention_impl.cache_clear()
 
 
 def parse_attention_spec(spec: str) -> tuple[str, dict[str, object]]:
@@ -54,27 +84,42 @@ def parse_attention_spec(spec: str) -> tuple[str, dict[str, object]]:
   return name.strip(), opts
 
 
+@functools.cache
+def _plugins() -> dict[str, object]:
+  """Entry points of ENTRY_POINT_GROUP by name (installed packages that register attention)."""
+  try:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+  except Exception:  # noqa: BLE001 - broken metadata must not break the built-in names
+    return {}
+
+
 def known_attention() -> list[str]:
   """Names an attention spec may start with."""
-  return sorted(set(_REGISTRY) | set(_FACTORIES) | set(PLUGINS))
+  return sorted(set(_REGISTRY) | set(_FACTORIES) | set(_plugins()))
 
 
 @functools.cache
-def get_attention(spec: str) -> AttentionFn:
-  """Looks up an attention function by name or 'name:options'; 'auto' is cuDNN on GPU (XLA for
+def get_attention_impl(spec: str) -> AttentionImpl:
+  """Looks up an implementation by name or 'name:options'; 'auto' is cuDNN on GPU (XLA for
   float32) and the jnp reference elsewhere. An unknown name is a ValueError listing the known
   ones."""
   name, opts = parse_attention_spec(spec)
-  if name in PLUGINS and name not in _FACTORIES and name not in _REGISTRY:
-    importlib.import_module(PLUGINS[name])
+  if name not in _FACTORIES and name not in _REGISTRY and name in _plugins():
+    _plugins()[name].load()  # importing the module registers it
   if name in _FACTORIES:
-    return _FACTORIES[name](**opts)
+    made = _FACTORIES[name](**opts)
+    return made if isinstance(made, AttentionImpl) else AttentionImpl(made)
   if name not in _REGISTRY:
     raise ValueError(f"unknown attention implementation {spec!r}; known: "
                      f"{known_attention()}")
   if opts:
     raise ValueError(f"attention implementation {name!r} takes no options, got {spec!r}")
   return _REGISTRY[name]
+
+
+def get_attention(spec: str) -> AttentionFn:
+  """The training / prefill attention function of a spec (see get_attention_impl)."""
+  return get_attention_impl(spec).fn
 
 
 def _group(q: jax.Array, num_kv: int) -> jax.Array:
@@ -127,41 +172,10 @@ def auto_attention(q, k, v, *, causal: bool = True, scale: float | None = None) 
   if jax.default_backend() != "gpu":
     return reference_attention(q, k, v, causal=causal, scale=scale)
   impl = "cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-  return _REGISTRY[impl](q, k, v, causal=causal, scale=scale)
+  return _REGISTRY[impl].fn(q, k, v, causal=causal, scale=scale)
 
 
 register_attention("reference", reference_attention)
 register_attention("xla", _dpa("xla"))
 register_attention("cudnn", _dpa("cudnn"))
 register_attention("auto", auto_attention)
-
-
-def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
-                     *, scale: float | None = None, mask: jax.Array | None = None) -> jax.Array:
-  """One new query per sequence against a cache, reading keys s < lengths[b].
-
-  Args:
-    q: [B, H, E] the new token's queries.
-    k_cache, v_cache: [B, K, S, E].
-    lengths: [B] int, number of valid cache entries (the new token's already written).
-    mask: optional bool [B, H, S]; True = head may read the entry (sparse patterns).
-  Returns:
-    [B, H, E] in q.dtype.
-  """
-  b, h, e = q.shape
-  kh, s = k_cache.shape[1], k_cache.shape[2]
-  scale = e ** -0.5 if scale is None else scale
-  qg = q.reshape(b, kh, h // kh, e)
-  # Scores in the cache dtype with float32 accumulation: the cache is read once, not upcast.
-  logits = jnp.einsum("bkge,bkse->bkgs", qg.astype(k_cache.dtype), k_cache,
-                      preferred_element_type=jnp.float32) * scale
-  valid = jnp.arange(s)[None, :] < lengths[:, None]  # [B, S]
-  allowed = valid[:, None, None, :]
-  if mask is not None:
-    allowed = allowed & mask.reshape(b, kh, h // kh, s)
-  logits = jnp.where(allowed, logits, -jnp.inf)
-  p = jax.nn.softmax(logits, axis=-1)
-  p = jnp.where(allowed, p, 0.0)  # a row with nothing allowed gives zeros, not NaN
-  out = jnp.einsum("bkgs,bkse->bkge", p.astype(v_cache.dtype), v_cache,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, h, e).astype(q.dtype)

@@ -11,32 +11,21 @@ own LM head. The method's losses and transformations are in colm/colm.py.
 
 from __future__ import annotations
 
+from typing import Any
+
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from colm.attention import decode_attention, get_attention
+from colm.attention import get_attention, get_attention_impl
 from colm.config import ModelConfig, resolve_dtype
 from colm.layers import ChainLinear, ChainRMSNorm, cumsum, fused_chain_linear, rope
 
-LayerKV = tuple[jax.Array, jax.Array]  # k, v: [B, K, S, E]
-
-
-def _write_prefill(cache: jax.Array, new: jax.Array) -> jax.Array:
-  """cache [B, K, S, E] <- new [B, T, k, E] at positions 0..T-1 of the first k heads."""
-  upd = new.transpose(0, 2, 1, 3).astype(cache.dtype)
-  return cache.at[:, : new.shape[2], : new.shape[1]].set(upd)
-
-
-def _write_token(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
-  """cache [B, K, S, E] <- new [B, 1, k, E] at position pos[b] of sequence b."""
-  upd = new.transpose(0, 2, 1, 3).astype(cache.dtype)  # [B, k, 1, E]
-  if upd.shape[1] != cache.shape[1]:  # fewer active chains than the cache holds
-    upd = jnp.concatenate(
-        [upd, jax.vmap(lambda c, p: jax.lax.dynamic_slice_in_dim(c, p, 1, axis=1))(
-            cache[:, upd.shape[1]:], pos)], axis=1)
-  return jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice_in_dim(c, u, p, axis=1))(
-      cache, upd, pos)
+# A layer's KV cache: any object with the methods kvcache.cache.LayerCache has (update, attend);
+# the model only calls them, so colm imports no cache package.
+LayerKV = Any
 
 
 class Attention(nnx.Module):
@@ -80,12 +69,16 @@ class Attention(nnx.Module):
     return rope(q, positions, cfg.rope_theta), rope(kk, positions, cfg.rope_theta), vv
 
   def __call__(self, x: jax.Array, positions: jax.Array, num_chains: int,
-               kv: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
-    """Causal self-attention over the block x [B, T, D_k]; with kv, also writes the cache.
+               kv: LayerKV | None = None, *, fresh: bool = False, valid: jax.Array | None = None,
+               score_window: int = 0, window_index: jax.Array | None = None,
+               return_probs: bool = False) -> tuple[jax.Array, LayerKV | None, Any]:
+    """Causal self-attention over the block x [B, T, D_k] at positions [B, T].
 
-    Without a cache or with one being prefilled (positions start at 0), attention runs over the
-    fresh keys through the configured attention function. With a cache and T == 1 (decode), the
-    token's K/V are written at positions[:, 0] and it attends cache entries 0..positions[:, 0].
+    Without a cache, the configured attention function runs over the block. With one, the new
+    K/V (of the valid tokens) are written through kv.update and the queries attend through
+    kv.attend: over the stored slots by their stored positions (decode and prefill onto a filled
+    cache), or, with fresh=True (the cache holds nothing else), over the block itself with the
+    configured attention function. Returns (out, the updated cache, scores asked for or None).
     """
     b, t = x.shape[:2]
     # Air fills every chain's KV heads from chain 1 even at scale k < n (LM switching: any scale
@@ -93,21 +86,21 @@ class Attention(nnx.Module):
     kv_chains = self.cfg.num_chains if (self.cfg.air and kv is not None) else num_chains
     q, kk, vv = self._qkv(x, positions, num_chains, kv_chains)
     kh = sum(self.cfg.chain_kv_heads[:num_chains])  # the KV heads scale k attends
-    if kv is not None and t == 1:
-      kc = _write_token(kv[0], kk, positions[:, 0])
-      vc = _write_token(kv[1], vv, positions[:, 0])
-      # A sparse attention function says which cached keys its heads may read at this position
-      # (S2: the head's blocks); without one, decoding attends every entry before it.
-      decode_mask = getattr(get_attention(self.attn_impl), "decode_mask", None)
-      mask = None if decode_mask is None else decode_mask(
-          positions[:, 0], q.shape[2], kh, kc.shape[2])
-      out = decode_attention(q[:, 0], kc[:, :kh], vc[:, :kh], positions[:, 0] + 1,
-                             mask=mask)[:, None]
-      new_kv = (kc, vc)
+    impl = get_attention_impl(self.attn_impl)
+    scores = None
+    if kv is None:
+      out = impl.fn(q, kk[:, :, :kh], vv[:, :, :kh], causal=True)
     else:
-      out = get_attention(self.attn_impl)(q, kk[:, :, :kh], vv[:, :, :kh], causal=True)
-      new_kv = None if kv is None else (_write_prefill(kv[0], kk), _write_prefill(kv[1], vv))
-    return self.o(out.reshape(b, t, -1), num_chains), new_kv
+      kv = kv.update(kk, vv, positions, valid)
+      # A sparse attention function says which cached keys its heads may read (S2: the head's
+      # blocks); the cache's decode-attention seam applies it.
+      mask = None if impl.token_mask is None else functools.partial(
+          impl.token_mask, num_heads=self.cfg.n_heads, num_kv_heads=self.cfg.n_kv_heads)
+      out, scores = kv.attend(
+          q, positions, token_mask=mask,
+          fresh=(kk[:, :, :kh], vv[:, :, :kh], impl.fn) if fresh else None,
+          score_window=score_window, window_index=window_index, return_probs=return_probs)
+    return self.o(out.reshape(b, t, -1), num_chains), kv, scores
 
 
 class FeedForward(nnx.Module):
@@ -135,10 +128,11 @@ class Block(nnx.Module):
     self.ffn_norm = ChainRMSNorm(cfg.chain_dims, eps=cfg.norm_eps, param_dtype=pd)
     self.ffn = FeedForward(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, num_chains, kv=None):
-    a, kv = self.attn(self.attn_norm(x, num_chains), positions, num_chains, kv)
+  def __call__(self, x, positions, num_chains, kv=None, **cache_kw):
+    """x [B, T, D_k] -> (x, the layer's updated cache, scores); cache_kw as Attention's."""
+    a, kv, scores = self.attn(self.attn_norm(x, num_chains), positions, num_chains, kv, **cache_kw)
     x = x + a
-    return x + self.ffn(self.ffn_norm(x, num_chains), num_chains), kv
+    return x + self.ffn(self.ffn_norm(x, num_chains), num_chains), kv, scores
 
 
 class Decoder(nnx.Module):
@@ -214,7 +208,7 @@ class Decoder(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = self.embed_tokens(tokens, k)
     for layer in self.layers:
-      x, _ = layer(x, positions, k)
+      x, _, _ = layer(x, positions, k)
     return x
 
   def __call__(self, tokens: jax.Array, *, num_chains: int | None = None,
@@ -224,27 +218,31 @@ class Decoder(nnx.Module):
     return self.logits(self.hidden(tokens, num_chains=k, positions=positions), k, logits_dtype)
 
   def forward_cached(self, tokens: jax.Array, positions: jax.Array, kv: tuple[LayerKV, ...],
-                     num_chains: int | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:
-    """Prefill (positions 0..T-1) or one decode step (T == 1) against per-layer caches.
+                     num_chains: int | None = None, **cache_kw
+                     ) -> tuple[jax.Array, tuple[LayerKV, ...], tuple]:
+    """The forward against per-layer caches: prefill, prefill onto a filled cache, or decode.
 
     Args:
       tokens: [B, T] int.
-      positions: [B, T] int absolute positions (prefill: arange; decode: the cache lengths).
-      kv: per layer (k, v), each [B, K, S, E].
+      positions: [B, T] int absolute positions of the tokens.
+      kv: one layer cache per layer (kvcache.cache.LayerCache).
+      cache_kw: fresh, valid, score_window, window_index, return_probs (see Attention).
     Returns:
-      logits [B, T, V] float32 and the updated per-layer caches.
+      logits [B, T, V] float32, the updated layer caches, and per layer the scores asked for.
     """
     k = self._chains(num_chains)
-    x, new = self.hidden_cached(tokens, positions, kv, k)
-    return self.logits(x, k), new
+    x, new, scores = self.hidden_cached(tokens, positions, kv, k, **cache_kw)
+    return self.logits(x, k), new, scores
 
   def hidden_cached(self, tokens: jax.Array, positions: jax.Array, kv: tuple[LayerKV, ...],
-                    num_chains: int | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:
-    """forward_cached without the LM head: final hidden states [B, T, D_k] and the caches."""
+                    num_chains: int | None = None, **cache_kw
+                    ) -> tuple[jax.Array, tuple[LayerKV, ...], tuple]:
+    """forward_cached without the LM head: final hidden states [B, T, D_k], caches, scores."""
     k = self._chains(num_chains)
     x = self.embed_tokens(tokens, k)
-    new = []
+    new, scores = [], []
     for layer, layer_kv in zip(self.layers, kv):
-      x, layer_kv = layer(x, positions, k, layer_kv)
+      x, layer_kv, sc = layer(x, positions, k, layer_kv, **cache_kw)
       new.append(layer_kv)
-    return x, tuple(new)
+      scores.append(sc)
+    return x, tuple(new), tuple(scores)

@@ -22,21 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kvcache.cache import KVCache
+from kvcache.decode import _step
 
 
-def _layers(cache: KVCache):
-  return tuple(zip(cache.k, cache.v))
-
-
-def _last_token_logits(model, tokens, lengths, cache, num_chains):
-  """The k-chain model on token lengths-1 of each prompt against a cache holding positions
-  0..lengths-2 (its own K/V are written at lengths-1): logits [B, V] of the first new token."""
-  b = tokens.shape[0]
-  last = tokens[jnp.arange(b), lengths - 1]
-  positions = (lengths - 1)[:, None]
-  logits, kv = model.forward_cached(last[:, None], positions, _layers(cache), num_chains)
-  k, v = zip(*kv)
-  return logits[:, 0], KVCache(k=tuple(k), v=tuple(v), lengths=lengths)
+def _positions(tokens):
+  b, t = tokens.shape
+  return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_chains"), donate_argnames=("cache",))
@@ -47,7 +38,7 @@ def air_prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, le
   Args:
     tokens: [B, T] int prompts, right-padded.
     lengths: [B] int prompt lengths, 1 <= lengths[b] <= T.
-    cache: an empty cache with max_len >= T (donated).
+    cache: an empty cache with room for T tokens (donated).
     num_chains: the scale k whose logits the first new token is drawn from (all by default).
   Returns:
     logits [B, V] float32 of the next token at scale k, and the cache of every chain holding
@@ -57,14 +48,16 @@ def air_prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, le
   if not model.cfg.air:
     raise ValueError("air_prefill needs a CoLM-Air model (ModelConfig.air=True): without shared "
                      "K/V the higher chains' caches need their own states")
-  b, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  # Chain 1 only: the KV heads of all chains come from x_1 (the hidden output is unused, so XLA
-  # drops the last layer's attention output and FFN).
-  _, kv = model.hidden_cached(tokens, positions, _layers(cache), num_chains=1)
-  k, v = zip(*kv)
-  cache = KVCache(k=tuple(k), v=tuple(v), lengths=lengths.astype(jnp.int32))
-  return _last_token_logits(model, tokens, lengths.astype(jnp.int32), cache, num_chains)
+  lengths = lengths.astype(jnp.int32)
+  # Chain 1 over positions 0..lengths-2 only: the KV heads of all chains come from x_1 (the
+  # hidden output is unused, so XLA drops the last layer's attention output and FFN).
+  valid = jnp.arange(tokens.shape[1])[None] < (lengths - 1)[:, None]
+  _, layers, _ = model.hidden_cached(tokens, _positions(tokens), cache.layers, num_chains=1,
+                                     fresh=True, valid=valid)
+  # Then the k-chain model on the last prompt token, a decode step at position lengths-1.
+  last = tokens[jnp.arange(tokens.shape[0]), lengths - 1]
+  logits, cache, _ = _step(model, last, KVCache(layers, lengths - 1), num_chains)
+  return logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_chains"), donate_argnames=("cache",))
@@ -74,10 +67,10 @@ def prefill_last(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, l
   the LM head at the last prompt token only. Returns logits [B, V] float32 and the cache."""
   model = nnx.merge(graphdef, params)
   b, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  h, kv = model.hidden_cached(tokens, positions, _layers(cache), num_chains)
-  k, v = zip(*kv)
   lengths = lengths.astype(jnp.int32)
+  valid = jnp.arange(t)[None] < lengths[:, None]
+  h, layers, _ = model.hidden_cached(tokens, _positions(tokens), cache.layers, num_chains,
+                                     fresh=True, valid=valid)
   scale = model.cfg.num_chains if num_chains is None else num_chains
   logits = model.logits(h[jnp.arange(b), lengths - 1], scale)
-  return logits, KVCache(k=tuple(k), v=tuple(v), lengths=lengths)
+  return logits, KVCache(layers, lengths)

@@ -1,7 +1,9 @@
-"""Jit prefill, decode step and batched generation over the KV cache pytree.
+"""Jit prefill (onto an empty or a filled cache), decode step, the one decode loop, generate.
 
 The model enters as (graphdef, params) from `nnx.split`, so each function is pure and compiled
-once per static shape; the cache is donated and comes back updated.
+once per static shape; the cache is donated and comes back updated. Every cache (dense, with
+per-layer / per-head budgets, S2's, a compressed one) goes through these functions; compression
+methods plug in through a `Compression` hook (kvcache.compression).
 """
 
 from __future__ import annotations
@@ -14,53 +16,124 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvcache.cache import KVCache, init_cache
+from kvcache.cache import KVCache, free_slots, init_cache, truncate
+from kvcache.compression import Compression
 from kvcache.sampling import SamplingConfig, sample
 
 
-def _layers(cache: KVCache):
-  return tuple(zip(cache.k, cache.v))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_chains"), donate_argnames=("cache",))
-def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array,
-            cache: KVCache, num_chains: int | None = None) -> tuple[jax.Array, KVCache]:
-  """Runs the prompts and fills the cache from position 0.
-
-  Args:
-    tokens: [B, T] int prompts, right-padded (entries past lengths[b] are ignored).
-    lengths: [B] int prompt lengths, 1 <= lengths[b] <= T.
-    cache: an empty cache with max_len >= T (donated).
-  Returns:
-    logits [B, T, V] float32 and the cache holding lengths[b] entries per sequence.
-  """
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_chains", "fresh", "score_window"),
+                   donate_argnames=("cache",))
+def _prefill(graphdef, params, tokens, lengths, start, cache, num_chains, fresh, score_window):
   model = nnx.merge(graphdef, params)
   b, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  logits, kv = model.forward_cached(tokens, positions, _layers(cache), num_chains)
-  k, v = zip(*kv)
-  return logits, KVCache(k=tuple(k), v=tuple(v), lengths=lengths.astype(jnp.int32))
+  cache = truncate(cache, start)
+  positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  valid = jnp.arange(t)[None] < lengths[:, None]
+  window = None
+  if score_window:  # the last score_window prompt tokens of each sequence
+    window = jnp.maximum(lengths[:, None] - score_window + jnp.arange(score_window)[None], 0)
+  logits, layers, scores = model.forward_cached(
+      tokens, positions, cache.layers, num_chains, fresh=fresh, valid=valid,
+      score_window=score_window, window_index=window)
+  return logits, KVCache(layers, (start + lengths).astype(jnp.int32)), scores
 
 
-def _step(model, token, cache, num_chains):
+@jax.jit
+def _room(cache: KVCache, start: jax.Array) -> jax.Array:
+  return free_slots(truncate(cache, start))
+
+
+def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, lengths: jax.Array,
+            cache: KVCache, num_chains: int | None = None, *, start=None,
+            score_window: int = 0):
+  """Runs prompt chunks onto the cache: token t of sequence b goes to position start[b] + t.
+
+  Prefill onto an empty cache (start 0 everywhere) runs each layer's attention function over the
+  chunk; onto a filled cache, the chunk's queries attend the stored slots and the chunk itself
+  (causal by stored positions), so a long prompt in chunks equals the prompt in one piece.
+
+  Args:
+    tokens: [B, T] int chunks, right-padded (entries past lengths[b] are ignored).
+    lengths: [B] int valid tokens per chunk, 0 <= lengths[b] <= T.
+    cache: the cache (donated).
+    start: [B] int first position of each chunk (default the cache's lengths: append). Slots at
+      or past start are emptied first (rewind); start beyond the tokens seen is an error.
+    score_window: also return, per layer and head group, the probabilities [B, Kg, G, W, N] of
+      the last W prompt tokens over the cache (what SnapKV-style policies score with).
+  Returns:
+    logits [B, T, V] float32 and the cache (lengths = start + lengths), plus the scores when
+    score_window > 0.
+  """
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an int [batch, length] array, got {tokens.dtype} "
+                     f"{tokens.shape}")
+  b, t = tokens.shape
+  lens = np.asarray(lengths)
+  if lens.shape != (b,) or lens.min() < 0 or lens.max() > t:
+    raise ValueError(f"lengths must be [{b}] ints in 0..{t}, got {lens.tolist()}")
+  seen = np.asarray(cache.lengths)
+  st = seen if start is None else np.broadcast_to(np.asarray(start), (b,))
+  for i in range(b):
+    if st[i] < 0 or st[i] > seen[i]:
+      raise ValueError(f"start position {int(st[i])} of sequence {i} is outside the cache, "
+                       f"which holds positions 0..{int(seen[i]) - 1}")
+  start = jnp.asarray(st, jnp.int32)
+  room = np.asarray(_room(cache, start))
+  for i in range(b):
+    if lens[i] > room[i]:
+      raise ValueError(f"a prompt of {int(lens[i])} tokens does not fit the {int(room[i])} free "
+                       f"slots of sequence {i} (budgets {min(min(x) for x in cache.budgets())}"
+                       f"..{cache.max_len})")
+  if score_window < 0 or score_window > t:
+    raise ValueError(f"score_window must be in 0..{t}, got {score_window}")
+  logits, cache, scores = _prefill(graphdef, params, tokens, jnp.asarray(lens, jnp.int32), start,
+                                   cache, num_chains, bool((st == 0).all()), int(score_window))
+  return (logits, cache, scores) if score_window else (logits, cache)
+
+
+def prefill_chunked(graphdef: nnx.GraphDef, params: nnx.State, tokens, lengths, cache: KVCache,
+                    chunk: int, num_chains: int | None = None):
+  """Prefill of right-padded prompts [B, T] in chunks of `chunk` tokens (the first onto the
+  given cache's end, each next onto the last). Returns the logits [B, T, V] and the cache."""
+  tokens = np.asarray(tokens)
+  lens = np.asarray(lengths)
+  out = []
+  for c0 in range(0, tokens.shape[1], chunk):
+    n = np.clip(lens - c0, 0, chunk)
+    logits, cache = prefill(graphdef, params, tokens[:, c0:c0 + chunk], n, cache, num_chains)
+    out.append(logits)
+  return jnp.concatenate(out, axis=1), cache
+
+
+def _step(model, token, cache: KVCache, num_chains, return_probs: bool = False):
   positions = cache.lengths[:, None]
-  logits, kv = model.forward_cached(token[:, None], positions, _layers(cache), num_chains)
-  k, v = zip(*kv)
-  return logits[:, 0], KVCache(k=tuple(k), v=tuple(v), lengths=cache.lengths + 1)
+  logits, layers, scores = model.forward_cached(token[:, None], positions, cache.layers,
+                                                num_chains, return_probs=return_probs)
+  return logits[:, 0], KVCache(layers, cache.lengths + 1), scores
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_chains"), donate_argnames=("cache",))
 def decode_step(graphdef: nnx.GraphDef, params: nnx.State, token: jax.Array, cache: KVCache,
                 num_chains: int | None = None) -> tuple[jax.Array, KVCache]:
   """Appends one token per sequence. token: [B] int -> logits [B, V] float32, cache (+1 each)."""
-  return _step(nnx.merge(graphdef, params), token, cache, num_chains)
+  logits, cache, _ = _step(nnx.merge(graphdef, params), token, cache, num_chains)
+  return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("policy",), donate_argnames=("cache",))
+def apply_policy(policy, cache: KVCache, scores=None) -> KVCache:
+  """policy(cache, scores) compiled, the cache donated."""
+  return policy(cache, scores)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=(
-    "graphdef", "num_chains", "max_new_tokens", "sampling", "sync_every"))
+    "graphdef", "num_chains", "max_new_tokens", "sampling", "sync_every", "compression",
+    "return_logits"))
 def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, first: jax.Array, cache: KVCache,
                 key: jax.Array, stop_tokens: jax.Array, *, max_new_tokens: int,
-                sampling: SamplingConfig, num_chains: int | None = None, sync_every: int = 16):
+                sampling: SamplingConfig, num_chains: int | None = None, sync_every: int = 16,
+                compression: Compression | None = None, return_logits: bool = False):
   """Decodes up to max_new_tokens in one compiled loop, stopping when every row is done.
 
   The stop test runs once per `sync_every` steps: an XLA while loop copies its predicate to
@@ -71,40 +144,57 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, first: jax.Array, cac
   Args:
     first: [B] the first generated token (sampled from the prefill logits).
     stop_tokens: [N] int token ids that end a sequence (N may be 0).
+    compression: its policy runs after every `compression.every` steps (when every > 0), with
+      the step's probabilities when it asks for them.
+    return_logits: also return the logits [B, max_new_tokens - 1, V] of each step.
   Returns:
     tokens [B, max_new_tokens] int32 (first included; -1 after a row stopped), the number of
-    decode steps run plus one, and the cache.
+    decode steps run plus one, the cache, and with return_logits the logits.
   """
   model = nnx.merge(graphdef, params)
   b = first.shape[0]
   out = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+  logits_out = jnp.zeros((b, max(0, max_new_tokens - 1), model.cfg.vocab_size)
+                         if return_logits else (0,), jnp.float32)
   done = jnp.isin(first, stop_tokens)
   chunk = max(1, min(sync_every, max_new_tokens - 1))
+  every = compression.every if compression is not None else 0
+  want_probs = bool(every and compression.decode_scores)
 
   def cond(s):
-    i, _, _, done, _, _ = s
+    i, _, _, done, _, _, _ = s
     return (i < max_new_tokens) & ~jnp.all(done)
 
   def step(_, s):
-    i, tok, cache, done, out, key = s
+    i, tok, cache, done, out, logits_out, key = s
     key, sub = jax.random.split(key)
-    logits, cache = _step(model, tok, cache, num_chains)
+    logits, cache, scores = _step(model, tok, cache, num_chains, want_probs)
+    if every == 1:
+      cache = compression.policy(cache, scores if want_probs else None)
+    elif every:
+      cache = jax.lax.cond(i % every == 0,
+                           lambda c: compression.policy(c, scores if want_probs else None),
+                           lambda c: c, cache)
     nxt = sample(logits, sub, sampling)
     nxt = jnp.where(done, -1, nxt)
     out = out.at[:, i].set(nxt, mode="drop")  # i >= max_new_tokens: dropped
+    if return_logits:
+      logits_out = logits_out.at[:, i - 1].set(logits, mode="drop")
     done = done | jnp.isin(nxt, stop_tokens)
-    return i + 1, nxt, cache, done, out, key
+    return i + 1, nxt, cache, done, out, logits_out, key
 
-  i, _, cache, _, out, _ = jax.lax.while_loop(
+  i, _, cache, _, out, logits_out, _ = jax.lax.while_loop(
       cond, lambda s: jax.lax.fori_loop(0, chunk, step, s),
-      (jnp.int32(1), first, cache, done, out, key))
-  return out, i, cache
+      (jnp.int32(1), first, cache, done, out, logits_out, key))
+  return (out, i, cache, logits_out) if return_logits else (out, i, cache)
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              sampling: SamplingConfig | None = None, seed: int = 0,
              stop_tokens: Sequence[int] = (), num_chains: int | None = None,
-             max_len: int | None = None, pad_to: int = 64) -> list[list[int]]:
+             max_len: int | None = None, pad_to: int = 64, budgets=None,
+             compression: Compression | None = None, decode_attn: str = "auto",
+             return_info: bool = False):
   """Generates continuations for a batch of prompts of different lengths.
 
   Args:
@@ -117,8 +207,13 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
     num_chains: run the k-chain sub-model (all chains by default).
     max_len: cache length; default model.cfg.max_seq_len.
     pad_to: prompts are right-padded to a multiple of this, so few shapes compile.
+    budgets: per-layer / per-KV-head slot budgets of the cache (see init_cache).
+    compression: a policy applied after prefill (and every `compression.every` steps).
+    decode_attn: the cache's decode attention ('auto', 'reference', 'pallas').
+    return_info: also return {'cache': the final cache, 'logits': float32 [B, n, V] the logits
+      each generated token was drawn from}.
   Returns:
-    the new tokens of each prompt, cut after the first stop token.
+    the new tokens of each prompt, cut after the first stop token (and the info dict).
   """
   sampling = sampling or SamplingConfig()
   cfg = model.cfg
@@ -128,23 +223,37 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   longest = max(len(p) for p in prompts)
-  if longest + max_new_tokens > max_len:
+  prompt_only = compression is not None and compression.prefill_room
+  if longest + (0 if prompt_only else max_new_tokens) > max_len:
     raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                      f"cache length {max_len}")
   t = min(max_len, -(-longest // pad_to) * pad_to)
   tokens = np.zeros((len(prompts), t), np.int32)
   for i, p in enumerate(prompts):
     tokens[i, : len(p)] = p
-  lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
   graphdef, params = nnx.split(model)
-  cache = init_cache(cfg, len(prompts), max_len)
-  logits, cache = prefill(graphdef, params, jnp.asarray(tokens), lengths, cache, num_chains)
+  if prompt_only:
+    cache = init_cache(cfg, len(prompts), t, decode_attn=decode_attn)
+  else:
+    cache = init_cache(cfg, len(prompts), max_len, budgets=budgets, decode_attn=decode_attn)
+    smallest = min(min(x) for x in cache.budgets())
+    if compression is None and longest + max_new_tokens > smallest:
+      raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                       f"the smallest budget {smallest} (pass a compression policy to evict)")
+  window = compression.window if compression is not None else 0
+  res = prefill(graphdef, params, tokens, lengths, cache, num_chains, score_window=window)
+  logits, cache = res[:2]
+  if compression is not None:
+    cache = apply_policy(compression.policy, cache, res[2] if window else None)
   key0, key = jax.random.split(jax.random.key(seed))
   last = logits[jnp.arange(len(prompts)), lengths - 1]
   first = sample(last, key0, sampling)
-  out, _, _ = decode_loop(graphdef, params, first, cache, key,
-                          jnp.asarray(list(stop_tokens), jnp.int32),
-                          max_new_tokens=max_new_tokens, sampling=sampling, num_chains=num_chains)
+  loop_comp = compression if compression is not None and compression.every else None
+  res = decode_loop(graphdef, params, first, cache, key, jnp.asarray(list(stop_tokens), jnp.int32),
+                    max_new_tokens=max_new_tokens, sampling=sampling, num_chains=num_chains,
+                    compression=loop_comp, return_logits=return_info)
+  out = res[0]
   result = []
   stops = set(stop_tokens)
   for row in np.asarray(out).tolist():
@@ -156,4 +265,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
       if tok in stops:
         break
     result.append(seq)
-  return result
+  if not return_info:
+    return result
+  step_logits = np.concatenate([np.asarray(last)[:, None], np.asarray(res[3])], axis=1)
+  return result, {"cache": res[2], "logits": step_logits}

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from colm.attention import AttentionFn, reference_attention, register_attention_factory
+from colm.attention import AttentionImpl, reference_attention, register_attention_factory
 from s2attn.pattern import S2Pattern
 
 IMPLS = ("auto", "kernel", "interpret", "reference")
@@ -99,22 +99,31 @@ def s2_options_from_spec(spec: str) -> S2Options | None:
   return parse_options(**opts) if name == "s2" else None
 
 
-def make_s2_attention(**options) -> AttentionFn:
-  """The factory behind attn_impl='s2:...': options as in the module docstring."""
+def s2_token_mask(q_pos: jax.Array, k_pos: jax.Array, *, pattern: S2Pattern, per_kv_head: bool,
+                  kv_heads: tuple[int, int], num_heads: int, num_kv_heads: int) -> jax.Array:
+  """bool [B, Kc, G, T, N]: query head h (of KV heads kv_heads = (first, stop)) at position
+  q_pos [B, T] may read the cached token at k_pos [B, Kc, N] under its S2 pattern (the cache
+  adds causality and emptiness). The decode-attention seam applies it."""
+  g = num_heads // num_kv_heads
+  h0, h1 = kv_heads
+  nkv = num_kv_heads if per_kv_head else None
+  off = pattern.head_offsets(num_heads, nkv)[h0 * g:h1 * g].reshape(1, h1 - h0, g, 1, 1)
+  dense = pattern.dense_heads(num_heads, nkv)[h0 * g:h1 * g].reshape(1, h1 - h0, g, 1, 1)
+  kb = (jnp.maximum(k_pos, 0) // pattern.block_size)[:, :, None, None, :]
+  qb = (q_pos // pattern.block_size)[:, None, None, :, None]
+  local = qb - kb < pattern.local_blocks
+  vertical = (kb + jnp.asarray(off)) % pattern.vert_stride == 0
+  return local | vertical | jnp.asarray(dense)
+
+
+def make_s2_attention(**options) -> AttentionImpl:
+  """The factory behind attn_impl='s2:...': options as in the module docstring. Returns the
+  attention function and its decode-time token mask."""
   o = parse_options(**options)
   fn = functools.partial(s2_attention, pattern=o.pattern, per_kv_head=o.per_kv_head, impl=o.impl)
   fn.__name__ = "s2_attention"  # type: ignore[attr-defined]
-
-  def decode_mask(positions: jax.Array, num_heads: int, num_kv_heads: int,
-                  cache_len: int) -> jax.Array:
-    """bool [B, H, S]: the cache entries each head may read from query positions [B] (the
-    decoder's dense-cache decode path applies it, so S2 models decode with their pattern)."""
-    nkv = num_kv_heads if o.per_kv_head else None
-    one = lambda p: o.pattern.token_mask(num_heads, p[None], jnp.arange(cache_len), nkv)[:, 0]
-    return jax.vmap(one)(positions)
-
-  fn.decode_mask = decode_mask  # type: ignore[attr-defined]
-  return fn
+  mask = functools.partial(s2_token_mask, pattern=o.pattern, per_kv_head=o.per_kv_head)
+  return AttentionImpl(fn, mask)
 
 
 register_attention_factory("s2", make_s2_attention)

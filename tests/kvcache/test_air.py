@@ -57,9 +57,12 @@ def setup():
 
 def _assert_cache_equal(got, want):
   np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
-  for a, b in zip(got.k + got.v, want.k + want.v):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    assert np.any(np.asarray(a)[:, -1, :4] != 0)  # the last chain's KV heads are filled
+  for lg, lw in zip(got.layers, want.layers):
+    for gg, gw in zip(lg.groups, lw.groups):
+      np.testing.assert_array_equal(np.asarray(gg.pos), np.asarray(gw.pos))
+      for a, b in ((gg.k, gw.k), (gg.v, gw.v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert np.any(np.asarray(lg.groups[-1].k)[:, -1, :4] != 0)  # the last chain's heads filled
 
 
 def test_chain1_prefill_cache_equals_full_prefill_cache(setup):

@@ -12,7 +12,8 @@ from colm.attention import get_attention
 from colm.config import ModelConfig
 from colm.model import Decoder
 from pallas_kernels import block_sparse_attention_reference
-from s2attn import S2Pattern, hybrid_layer_attn, s2_attention, s2_generate, s2_spec
+from kvcache import generate
+from s2attn import S2Pattern, hybrid_layer_attn, s2_attention, s2_compression, s2_spec
 
 
 def qkv(seed, b, t, h, kh, e):
@@ -99,7 +100,7 @@ def test_hybrid_decoder_trains_a_step_and_decodes():
   l1 = float(step(model))
   assert np.isfinite(l0) and l1 < l0
   prompts = [[5, 6, 7] * 7, [9] * 40]
-  out = np.asarray(s2_generate(model, prompts, max_new_tokens=12))
+  out = np.asarray(generate(model, prompts, max_new_tokens=12, compression=s2_compression(cfg)))
   assert out.shape == (2, 12) and (out >= 0).all() and (out < cfg.vocab_size).all()
 
 
@@ -109,8 +110,10 @@ def test_kvcache_decode_of_s2_model_matches_full_forward():
 
   spec = "s2:block_size=16,local_blocks=1,vert_stride=2"
   cfg = ModelConfig.tiny(layer_attn=(spec, "reference"), max_seq_len=96)
-  model = Decoder(cfg, rngs=nnx.Rngs(int(np.random.randint(1 << 30))))
-  tokens = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 72), 0, 97)
+  seed = int(np.random.randint(1 << 30))
+  print(f"seed={seed}")
+  model = Decoder(cfg, rngs=nnx.Rngs(seed))
+  tokens = jax.random.randint(jax.random.key(seed + 1), (2, 72), 0, 97)
   full = model(tokens)
   graphdef, params = nnx.split(model)
   cache = init_cache(cfg, 2, 96)
