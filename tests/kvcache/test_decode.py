@@ -4,6 +4,7 @@ Models are built abstractly with NumPy weights scaled so logits spread out (gree
 then far from ties); eager init would compile a kernel per parameter shape.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -14,7 +15,16 @@ from flax import nnx
 
 from colm.config import ModelConfig
 from colm.model import Decoder
-from kvcache import SamplingConfig, decode_step, generate, init_cache, prefill
+from colm.attention import reference_attention, register_attention
+from kvcache import (
+  Compression,
+  SamplingConfig,
+  decode_step,
+  generate,
+  init_cache,
+  map_positions,
+  prefill,
+)
 
 # Plain Transformer, GQA 3:1, tied head.
 CFG_1 = dict(d_model=45, n_heads=6, n_kv_heads=2, head_dim=8, ffn_dim=53, max_seq_len=40)
@@ -160,3 +170,48 @@ def test_generate_rejects_bad_requests(model_1):
     generate(model_1, [])
   with pytest.raises(ValueError, match="max_new_tokens"):
     generate(model_1, [[1, 2]], max_new_tokens=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SinkAndWindow:
+  """A toy StreamingLLM policy: keep the first `sink` positions and the last `recent`."""
+
+  sink: int
+  recent: int
+
+  def __call__(self, cache, scores=None):
+    t = cache.lengths[:, None, None]  # the next query's position
+    return map_positions(cache, lambda li, h0, pos: jnp.where(
+        (pos < self.sink) | (pos >= t - self.recent), pos, -1))
+
+
+_WINDOW_MASK = {}
+
+
+def _window_attention(q, k, v, *, causal=True, scale=None):
+  m = _WINDOW_MASK["mask"][: q.shape[1], : k.shape[1]]
+  return reference_attention(q, k, v, causal=causal, mask=jnp.asarray(m)[None, None], scale=scale)
+
+
+register_attention("test_window", _window_attention)
+
+
+def test_compression_hook_after_prefill_and_every_step(model_1, prompts, spread_decoder,
+                                                       full_forward):
+  """The hook's policy runs after prefill and after every decode step: greedy decoding with a
+  sink + window policy equals the full forward under the same sink + window mask."""
+  p = prompts[1]  # 11 tokens
+  pol = _SinkAndWindow(sink=2, recent=5)
+  toks, info = generate(model_1, [p], max_new_tokens=8, pad_to=16,
+                        compression=Compression(pol, every=1), return_info=True)
+  n = len(p) + 8
+  t, s = np.arange(n)[:, None], np.arange(n)[None, :]
+  _WINDOW_MASK["mask"] = (t < len(p)) | (s < 2) | (s >= t - 5)
+  ref_model = spread_decoder(model_1.cfg.replace(attn_impl="test_window"), 3)
+  ref = full_forward(ref_model, np.asarray([p + toks[0]]))[0]
+  np.testing.assert_allclose(info["logits"][0], ref[len(p) - 1: n - 1], atol=1e-5, rtol=1e-5)
+  assert np.argmax(ref[len(p) - 1: n - 1], -1).tolist() == toks[0]
+  held = info["cache"].held_tokens()[0, 0, 0]
+  assert held == 2 + 5  # sink + window, whatever ran past the last token
+  _, plain = generate(model_1, [p], max_new_tokens=8, pad_to=16, return_info=True)
+  assert np.abs(plain["logits"][0, 1:] - info["logits"][0, 1:]).max() > 1e-2  # it evicted
