@@ -29,8 +29,9 @@ from colm.layers import ChainLinear, ChainRMSNorm, rope
 from colm.model import Attention, Block, Decoder, FeedForward
 
 __all__ = [
-    "Attention", "AttentionImpl", "Block", "ChainLinear", "ChainRMSNorm", "Decoder", "FeedForward", "ModelConfig",
-    "build_model", "expand", "expanded_config", "extract", "freeze",
-    "get_attention", "get_attention_impl", "multiscale_loss", "multiscale_losses", "reference_attention",
-    "register_attention", "resolve_dtype", "rope", "sub_config", "trainable_mask",
+    "Attention", "AttentionImpl", "Block", "ChainLinear", "ChainRMSNorm", "Decoder", "FeedForward",
+    "ModelConfig", "build_model", "expand", "expanded_config", "extract", "freeze",
+    "get_attention", "get_attention_impl", "multiscale_loss", "multiscale_losses",
+    "reference_attention", "register_attention", "resolve_dtype", "rope", "sub_config",
+    "trainable_mask",
 ]

@@ -11,9 +11,8 @@ own LM head. The method's losses and transformations are in colm/colm.py.
 
 from __future__ import annotations
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp

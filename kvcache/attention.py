@@ -56,7 +56,7 @@ def _block(n: int, rows: int) -> int:
   """Key block of slot_attention: all N slots when small, else a divisor of N near the budget."""
   if n * rows <= _BLOCK_ELEMENTS:
     return n
-  for nb in (8192, 4096, 2048, 1024, 512, 256, 128):
+  for nb in (8192, 4096, 2048, 1024, 512, 256, 128, 64, 32, 16):
     if n % nb == 0 and nb * rows <= _BLOCK_ELEMENTS:
       return nb
   return n
@@ -141,11 +141,11 @@ def pallas_decode_attention(q, k, v, pos, q_pos, mask=None, *, scale=None, retur
 
 
 def auto_decode_attention(q, k, v, pos, q_pos, mask=None, *, scale=None, return_probs=False):
-  """The kernel on GPU when it applies (slot count a multiple of 16, no probabilities asked),
-  the jnp reference otherwise. Chosen at trace time."""
+  """The kernel on GPU when it applies (slots a multiple of 16, head dim a power of two >= 16,
+  no probabilities asked), the jnp reference otherwise. Chosen at trace time."""
   if jax.default_backend() == "gpu" and not return_probs:
     from pallas_kernels.decode import supports
-    if supports(k.shape[2]):
+    if supports(k.shape[2], k.shape[3]):
       return pallas_decode_attention(q, k, v, pos, q_pos, mask, scale=scale)
   return reference_decode_attention(q, k, v, pos, q_pos, mask, scale=scale,
                                     return_probs=return_probs)

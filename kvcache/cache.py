@@ -367,8 +367,8 @@ def repack(cache: KVCache, budgets: Budgets, keep: Callable[[int, int, jax.Array
       ok = (g.pos >= 0) if keep is None else keep(li, h0, g.pos) & (g.pos >= 0)
       src.append((g, ok))
     n_src = max(g.budget for g in layer.groups)
-    pad = lambda x, n, v=0: jnp.pad(x, [(0, 0), (0, 0), (0, n_src - n)] +
-                                    [(0, 0)] * (x.ndim - 3), constant_values=v)
+    pad = lambda x, n, v=0, n_src=n_src: jnp.pad(
+        x, [(0, 0), (0, 0), (0, n_src - n)] + [(0, 0)] * (x.ndim - 3), constant_values=v)
     k_all = jnp.concatenate([pad(g.k, g.budget) for g, _ in src], axis=1)
     v_all = jnp.concatenate([pad(g.v, g.budget) for g, _ in src], axis=1)
     p_all = jnp.concatenate([pad(g.pos, g.budget, -1) for g, _ in src], axis=1)

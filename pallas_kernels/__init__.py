@@ -1,14 +1,16 @@
-"""Pallas kernels: block-sparse flash attention, sparse decode attention, log-sum-exp merge."""
+"""Pallas kernels: block-sparse flash attention, KV-cache decode attention, log-sum-exp merge."""
 
 from pallas_kernels.block_sparse import BlockSparseTiles as BlockSparseTiles
 from pallas_kernels.block_sparse import block_sparse_attention as block_sparse_attention
 from pallas_kernels.block_sparse import (
     block_sparse_attention_reference as block_sparse_attention_reference,
 )
-from pallas_kernels.decode import block_sparse_decode_attention as block_sparse_decode_attention
+from pallas_kernels.decode import cache_decode_attention as cache_decode_attention
 from pallas_kernels.decode import (
-    block_sparse_decode_attention_reference as block_sparse_decode_attention_reference,
+    cache_decode_attention_reference as cache_decode_attention_reference,
 )
+from pallas_kernels.decode import pick_block_size as pick_block_size
+from pallas_kernels.decode import supports as supports
 from pallas_kernels.layouts import causal_layout as causal_layout
 from pallas_kernels.layouts import s2_layout as s2_layout
 from pallas_kernels.layouts import token_mask as token_mask

@@ -1,14 +1,21 @@
-"""Block-sparse split-K decode attention: one new query per sequence against a K/V cache.
+"""Split-K decode attention over a KV cache of position-tagged slots, with a float32 reference.
 
-Axes: B = batch, H = query heads, K = K/V heads (G = H // K), E = head dim, S = cache length,
-n = key blocks (ceil(S / block_size)), L = layout heads (H, K or 1), W = list width, P = splits.
+Axes: B = batch, K = KV heads, G = query heads per KV head (H = K * G), Gp = G padded to a power
+of two >= 16, E = head dim, N = cache slots, bs = slot block, n = N // bs, P = splits.
 
-Flash decoding (https://crfm.stanford.edu/2023/10/12/flashdecoding.html): the attended key
-blocks of each (sequence, head) are split into P contiguous chunks of the block list, one program
-each, so a long cache still fills the GPU; each program reads only its listed blocks and keeps a
-running max / sum in float32; the P partial (output, log-sum-exp) pairs are merged exactly in jnp
-(merge.merge_partials). A single query row cannot feed the tensor cores, and decoding is bound
-by reading the cache anyway, so the scores are elementwise products and row sums.
+The cache is the project's: slot n of (sequence b, KV head k) holds a key stored after RoPE and
+its original position pos[b, k, n] (-1 = empty), so slot order need not be position order and each
+KV head may hold different tokens (eviction, compression). Slot n is valid for query head
+(b, k, g) iff 0 <= pos <= q_pos[b] and, given a mask, mask[b, k, g, n].
+
+Flash decoding (https://crfm.stanford.edu/2023/10/12/flashdecoding.html): the n slot blocks of
+each (sequence, KV head) are cut into P contiguous chunks, one program each, so a short batch
+still fills the GPU; each program serves all G query heads of its KV head (GQA: every K/V block
+is read once per group, not G times), keeps a running max / sum per head in float32 and writes
+a partial (output, log-sum-exp); the P partials are merged exactly in jnp (merge.merge_partials).
+The G query rows are padded to Gp >= 16 so that the scores and the output are tensor-core dots
+(Triton needs M >= 16). K/V rows of slots that no head may attend (empty, future, or masked for
+the whole group) are not read: their loads are masked, so empty slots may hold anything.
 """
 
 from __future__ import annotations
@@ -18,234 +25,247 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import layouts
-from pallas_kernels.block_sparse import LN2, LOG2E, MASK_VALUE, _pltriton, default_interpret
+from pallas_kernels.block_sparse import (
+    LN2,
+    LOG2E,
+    MASK_VALUE,
+    _dot,
+    _pltriton,
+    default_interpret,
+)
 from pallas_kernels.merge import merge_partials
 
+BLOCK_SIZES = (64, 32, 16)  # slot blocks tried by pick_block_size, largest first
+MIN_ROWS = 16  # Triton dots need M >= 16: the G query rows are padded up to this
+MAX_TILE_BYTES = 64 * 128 * 2  # default blocks keep a K / V tile within 64 bf16 rows of E=128
+TARGET_PROGRAMS = 4 * 132  # default splits aim at a few programs per SM of an H100 / H200
 
-def _decode_kernel(lengths_ref, ids_ref, count_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                   block_size: int, per_split: int, sm_scale: float, lmap):
-  """One (sequence, head, split): partial attention over entries [p*per_split, ...) of the list.
 
-  lengths_ref [B], ids_ref [L, W], count_ref [L], q_ref [E], k_ref / v_ref [S, E] (this K/V
-  head), o_ref [E] float32, lse_ref [2] (the natural LSE, twice: tensors are powers of two).
+def pick_block_size(n: int) -> int:
+  """The largest of BLOCK_SIZES dividing n (the number of cache slots); ValueError if none."""
+  for bs in BLOCK_SIZES:
+    if n > 0 and n % bs == 0:
+      return bs
+  raise ValueError(f"cache_decode_attention needs the slot count to be a positive multiple of "
+                   f"{BLOCK_SIZES[-1]}, got N={n}")
+
+
+def supports(n_slots: int, head_dim: int | None = None) -> bool:
+  """Whether the kernel takes a cache of n_slots slots (and head_dim, if given); else use the
+  reference."""
+  if head_dim is not None and not (head_dim >= 16 and layouts.is_power_of_two(head_dim)):
+    return False
+  return n_slots > 0 and n_slots % BLOCK_SIZES[-1] == 0
+
+
+def _load_rows(ref, start, bs: int, live):
+  """ref[start:start + bs, :] with the rows where live [bs] is False not read (zeros)."""
+  rows = ref.at[pl.ds(start, bs), :]
+  if _pltriton is None:  # pragma: no cover - no Triton-lowering module: a plain select
+    return jnp.where(live[:, None], rows[...], 0).astype(ref.dtype)
+  mask = jnp.broadcast_to(live[:, None], (bs, ref.shape[-1]))
+  return _pltriton.load(rows, mask=mask, other=jnp.zeros((), ref.dtype))
+
+
+def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: int,
+                   per_split: int, n_blocks: int, qk_scale: float, has_mask: bool):
+  """One (sequence, KV head, split): partial attention of its Gp query rows over slot blocks
+  [p * per_split, min((p + 1) * per_split, n)).
+
+  q_pos_ref [1] int32, pos_ref [N] int32, q_ref [Gp, E] (cache dtype), k_ref / v_ref [N, E],
+  mask_ref [Gp, N] int8 (if has_mask), o_ref [Gp, E] float32, lse_ref [Gp] float32 (natural).
   """
-  b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  mask_ref, o_ref, lse_ref = refs if has_mask else (None, *refs)
   bs = block_size
-  length = lengths_ref[b]
-  lh = lmap(h)
-  first = split * per_split
-  last = jnp.minimum(first + per_split, count_ref[lh])
-  q = q_ref[...].astype(jnp.float32)
-  qk_scale = sm_scale * LOG2E
+  q_pos = q_pos_ref[0]
+  q = q_ref[...]  # [Gp, E]
+  rows = q.shape[0]
+  first = pl.program_id(2) * per_split
+  last = jnp.minimum(first + per_split, n_blocks)
 
   def body(j, carry):
-    acc, m_prev, l_prev = carry
-    start = pl.multiple_of(ids_ref[lh, j] * bs, bs)
-    k = k_ref[pl.ds(start, bs), :].astype(jnp.float32)
-    s = jnp.sum(k * q[None, :], axis=1) * qk_scale  # [bs]
-    valid = start + lax.broadcasted_iota(jnp.int32, (bs,), 0) < length
-    s = jnp.where(valid, s, MASK_VALUE)
-    m_next = jnp.maximum(m_prev, jnp.max(s))
+    acc, m_prev, l_prev = carry  # [Gp, E], [Gp], [Gp]
+    start = pl.multiple_of(j * bs, bs)
+    pos = pos_ref[pl.ds(start, bs)]  # [bs]
+    live = (pos >= 0) & (pos <= q_pos)  # [bs]: slot holds a token at or before the query
+    if mask_ref is None:
+      valid = jnp.broadcast_to(live[None, :], (rows, bs))
+    else:
+      allowed = mask_ref[:, pl.ds(start, bs)].astype(jnp.int32)  # [Gp, bs]
+      valid = live[None, :] & (allowed != 0)
+      live = live & (jnp.max(allowed, axis=0) != 0)  # some head of the group may attend it
+    k = _load_rows(k_ref, start, bs, live)  # [bs, E]
+    s = jnp.where(valid, _dot(q, k, trans_b=True) * qk_scale, MASK_VALUE)  # [Gp, bs], base 2
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.where(valid, jnp.exp2(s - m_next), 0.0)
-    v = v_ref[pl.ds(start, bs), :].astype(jnp.float32)
-    acc = alpha * acc + jnp.sum(p[:, None] * v, axis=0)
-    return acc, m_next, alpha * l_prev + jnp.sum(p)
+    p = jnp.where(valid, jnp.exp2(s - m_next[:, None]), 0.0)
+    v = _load_rows(v_ref, start, bs, live)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return acc, m_next, alpha * l_prev + jnp.sum(p, axis=1)
 
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.float32(MASK_VALUE), jnp.float32(0.0))
+  init = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
   acc, m, l = lax.fori_loop(first, last, body, init)
   empty = l == 0.0
-  o_ref[...] = acc / jnp.where(empty, 1.0, l)
-  lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
-  lse_ref[...] = jnp.full((2,), lse, jnp.float32)
+  o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "num_splits", "sm_scale",
                                              "num_warps", "num_stages", "interpret", "debug"))
-def _decode(q, k_cache, v_cache, lengths, ids, count, *, block_size, num_splits, sm_scale,
-            num_warps, num_stages, interpret, debug):
-  """Runs the kernel on padded inputs and merges the splits: (o [B, H, E], lse [B, H])."""
-  B, H, E = q.shape
-  S, K = k_cache.shape[1], k_cache.shape[2]
-  G = H // K
-  L, W = ids.shape[1], ids.shape[2]
-  per_split = -(-W // num_splits)
-  lmap = layouts.head_to_layout_head(L, H, K)
+def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_warps,
+            num_stages, interpret, debug):
+  """Pads the query rows (and mask) to Gp, runs the kernel and merges the splits."""
+  B, K, G, E = q.shape
+  N = k.shape[2]
+  Gp = max(MIN_ROWS, pl.next_power_of_2(G))
+  n_blocks = N // block_size
+  per_split = -(-n_blocks // num_splits)
+  qp = jnp.pad(q.astype(k.dtype), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))  # [B, K, Gp, E]
+  args = [q_pos.astype(jnp.int32)[:, None], pos.astype(jnp.int32), qp, k, v]
+  in_specs = [
+      pl.BlockSpec((None, 1), lambda b, h, p: (b, 0)),
+      pl.BlockSpec((None, None, N), lambda b, h, p: (b, h, 0)),
+      pl.BlockSpec((None, None, Gp, E), lambda b, h, p: (b, h, 0, 0)),
+      pl.BlockSpec((None, None, N, E), lambda b, h, p: (b, h, 0, 0)),
+      pl.BlockSpec((None, None, N, E), lambda b, h, p: (b, h, 0, 0)),
+  ]
+  if mask is not None:
+    args.append(jnp.pad(mask.astype(jnp.int8), ((0, 0), (0, 0), (0, Gp - G), (0, 0))))
+    in_specs.append(pl.BlockSpec((None, None, Gp, N), lambda b, h, p: (b, h, 0, 0)))
   params = None
   if _pltriton is not None:
     params = _pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   o, lse = pl.pallas_call(
       functools.partial(_decode_kernel, block_size=block_size, per_split=per_split,
-                        sm_scale=sm_scale, lmap=lmap),
-      grid=(B, H, num_splits),
-      in_specs=[
-          pl.BlockSpec((B,), lambda b, h, p: (0,)),
-          pl.BlockSpec((None, L, W), lambda b, h, p: (b, 0, 0)),
-          pl.BlockSpec((None, L), lambda b, h, p: (b, 0)),
-          pl.BlockSpec((None, None, E), lambda b, h, p: (b, h, 0)),
-          pl.BlockSpec((None, S, None, E), lambda b, h, p: (b, 0, h // G, 0)),
-          pl.BlockSpec((None, S, None, E), lambda b, h, p: (b, 0, h // G, 0)),
-      ],
+                        n_blocks=n_blocks, qk_scale=sm_scale * LOG2E, has_mask=mask is not None),
+      grid=(B, K, num_splits),
+      in_specs=in_specs,
       out_specs=[
-          pl.BlockSpec((None, None, None, E), lambda b, h, p: (b, h, p, 0)),
-          pl.BlockSpec((None, None, None, 2), lambda b, h, p: (b, h, p, 0)),
+          pl.BlockSpec((None, None, None, Gp, E), lambda b, h, p: (b, h, p, 0, 0)),
+          pl.BlockSpec((None, None, None, Gp), lambda b, h, p: (b, h, p, 0)),
       ],
-      out_shape=[jax.ShapeDtypeStruct((B, H, num_splits, E), jnp.float32),
-                 jax.ShapeDtypeStruct((B, H, num_splits, 2), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, Gp, E), jnp.float32),
+                 jax.ShapeDtypeStruct((B, K, num_splits, Gp), jnp.float32)],
       compiler_params=params,
       interpret=interpret,
       debug=debug,
-      name="block_sparse_decode_attention",
-  )(lengths, ids, count, q, k_cache, v_cache)
-  o, lse = merge_partials(o, lse[..., 0], axis=2)
-  return o.astype(q.dtype), lse
-
-
-def _check_decode_inputs(q, k_cache, v_cache, lengths):
-  if getattr(q, "ndim", None) != 3:
-    raise ValueError(f"q must be [batch, heads, head_dim], got shape {getattr(q, 'shape', None)}")
-  for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-    if getattr(x, "ndim", None) != 4:
-      raise ValueError(f"{name} must be [batch, cache_len, kv_heads, head_dim], got shape "
-                       f"{getattr(x, 'shape', None)}")
-  if k_cache.shape != v_cache.shape:
-    raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have the same "
-                     "shape")
-  B, H, E = q.shape
-  if k_cache.shape[0] != B or k_cache.shape[3] != E:
-    raise ValueError(f"k_cache shape {k_cache.shape} does not match q shape {q.shape} in batch or "
-                     "head_dim")
-  K = k_cache.shape[2]
-  if K == 0 or H % K != 0:
-    raise ValueError(f"kv_heads ({K}, from k_cache) must divide heads ({H}, from q)")
-  if getattr(lengths, "shape", None) != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(f"lengths must be an integer [batch={B}] array, got "
-                     f"{getattr(lengths, 'shape', None)}")
-  return B, H, K, E, k_cache.shape[1]
-
-
-def _block_lists(layout_or_block_lists, lengths, *, B, H, K, n, block_size):
-  """Normalises the layout / block lists to (ids [B, L, W], count [B, L]) int32."""
-  arg = layout_or_block_lists
-  name = "layout_or_block_lists"
-  if isinstance(arg, tuple | list):
-    if len(arg) != 2:
-      raise ValueError(f"{name} as block lists must be a pair (block_ids, counts)")
-    ids, count = (jnp.asarray(a) for a in arg)
-    if ids.ndim == 2:
-      ids, count = ids[None], count[None]
-    if ids.ndim != 3 or count.shape != ids.shape[:2] or ids.shape[0] not in (1, B):
-      raise ValueError(f"{name}: block_ids must be [batch?, layout_heads, width] and counts "
-                       f"[batch?, layout_heads], got {ids.shape} and {count.shape}")
-    if not (jnp.issubdtype(ids.dtype, jnp.integer) and jnp.issubdtype(count.dtype, jnp.integer)):
-      raise ValueError(f"{name}: block_ids and counts must be integer arrays")
-    L = ids.shape[1]
+      name="cache_decode_attention",
+  )(*args)
+  if num_splits == 1:
+    o, lse = o[:, :, 0], lse[:, :, 0]
   else:
-    layout = arg
-    shape = getattr(layout, "shape", None)
-    if shape is None or len(shape) not in (2, 3) or shape[-1] != n or (
-        len(shape) == 3 and shape[0] not in (1, B)):
-      raise ValueError(f"{name} as a layout must be a boolean [batch?, layout_heads, {n}] array, "
-                       f"got shape {shape}")
-    layout = jnp.asarray(layout, bool)
-    if layout.ndim == 2:
-      layout = layout[None]
-    L = layout.shape[1]
-    # Blocks wholly past a sequence's length are dropped from its list: never read.
-    live = jnp.arange(n)[None, None, :] * block_size < lengths[:, None, None]
-    mask = layout & live
-    lists = layouts.compress_rows(mask, jnp.zeros_like(mask))
-    ids, count = lists.cols, lists.count
-  if L not in (H, K, 1):
-    raise ValueError(f"{name} has {L} layout heads; expected heads={H}, kv_heads={K} or 1")
-  ids = jnp.broadcast_to(ids, (B,) + ids.shape[1:]).astype(jnp.int32)
-  count = jnp.broadcast_to(count, (B,) + count.shape[1:]).astype(jnp.int32)
-  return ids, count, L
+    o, lse = merge_partials(o, lse, axis=2)  # [B, K, Gp, E], [B, K, Gp]
+  return o[:, :, :G].astype(q.dtype), lse[:, :, :G]
 
 
-def block_sparse_decode_attention(q, k_cache, v_cache, lengths, layout_or_block_lists, *,
-                                  block_size: int, sm_scale: float | None = None,
-                                  num_splits: int | None = None, return_lse: bool = False,
-                                  num_warps: int = 4, num_stages: int = 2,
-                                  interpret: bool | None = None, debug: bool = False):
-  """Attention of one new query per sequence over the attended blocks of a K/V cache.
+def _check_inputs(q, k, v, pos, q_pos, mask):
+  """ValueError on any disagreement of shapes or dtypes; returns (B, K, G, E, N)."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name} must be 4-D ({'[B, K, G, E]' if name == 'q' else '[B, K, N, E]'}),"
+                       f" got shape {getattr(x, 'shape', None)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
+  if k.shape != v.shape or k.dtype != v.dtype:
+    raise ValueError(f"k {k.shape} {k.dtype} and v {v.shape} {v.dtype} must agree in shape and "
+                     "dtype")
+  B, K, G, E = q.shape
+  N = k.shape[2]
+  if (k.shape[0], k.shape[1], k.shape[3]) != (B, K, E):
+    raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in batch, kv_heads or "
+                     "head_dim")
+  if getattr(pos, "shape", None) != (B, K, N) or not jnp.issubdtype(pos.dtype, jnp.integer):
+    raise ValueError(f"pos must be an int [B={B}, K={K}, N={N}] array, got "
+                     f"{getattr(pos, 'shape', None)} {getattr(pos, 'dtype', None)}")
+  if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
+    raise ValueError(f"q_pos must be an int [B={B}] array, got {getattr(q_pos, 'shape', None)} "
+                     f"{getattr(q_pos, 'dtype', None)}")
+  if mask is not None and (getattr(mask, "shape", None) != (B, K, G, N) or mask.dtype != bool):
+    raise ValueError(f"mask must be a bool [B={B}, K={K}, G={G}, N={N}] array, got "
+                     f"{getattr(mask, 'shape', None)} {getattr(mask, 'dtype', None)}")
+  return B, K, G, E, N
+
+
+def _default_splits(B: int, K: int, n_blocks: int) -> int:
+  """Enough programs to fill the GPU, each chunk keeping >= 4 slot blocks, at most 32 splits."""
+  return max(1, min(32, n_blocks // 4, -(-TARGET_PROGRAMS // (B * K))))
+
+
+def cache_decode_attention(q, k, v, pos, q_pos, mask=None, *, sm_scale: float | None = None,
+                           block_size: int | None = None, num_splits: int | None = None,
+                           num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
+                           debug: bool = False):
+  """Attention of one new query per sequence over the position-tagged slots of a KV cache.
 
   Args:
-    q: [B, H, E] the new queries.
-    k_cache: [B, S, K, E] keys, K dividing H.
-    v_cache: [B, S, K, E] values.
-    lengths: int [B]: keys [0, lengths[b]) are valid (the query sits at lengths[b] - 1).
-    layout_or_block_lists: either a bool [L, n] or [B, L, n] block layout (n = ceil(S /
-      block_size), L in {H, K, 1}; blocks at or past the length are dropped), or a pair
-      (block_ids int [B?, L, W], counts int [B?, L]): the first counts entries of each row are the
-      key blocks read (any order; keys past the length are masked).
-    block_size: key block in tokens, a power of two >= 16.
+    q: [B, K, G, E] the new query of each sequence, its H = K * G heads grouped by KV head.
+    k: [B, K, N, E] cached keys (any float dtype; bf16 typical), N a multiple of 16.
+    v: [B, K, N, E] cached values, k's dtype.
+    pos: int [B, K, N] original position of the token in each slot, -1 = empty slot.
+    q_pos: int [B] position of the query. Slot n is valid for (b, k, g) iff
+      0 <= pos[b, k, n] <= q_pos[b] and (mask is None or mask[b, k, g, n]).
+    mask: optional bool [B, K, G, N] per-query-head permission (sparse patterns).
     sm_scale: logit scale, default 1 / sqrt(E).
-    num_splits: P, list chunks run in parallel (default: up to 16, >= 4 blocks each).
-    return_lse: also return the natural log-sum-exp [B, H].
+    block_size: slots per block, a power of two >= 16 dividing N (default pick_block_size(N),
+      halved while a K / V tile would exceed 16 KiB).
+    num_splits: P, slot chunks run in parallel per (sequence, KV head) (default: enough programs
+      to fill a GPU, >= 4 blocks each, at most 32).
+    num_warps, num_stages: Triton launch settings.
+    interpret: Pallas interpret mode (default: unless the backend is a GPU).
   Returns:
-    o [B, H, E] in q's dtype (zeros for a head with no valid key), and optionally lse [B, H].
+    (o [B, K, G, E] in q's dtype, lse [B, K, G] float32): the output and the natural log-sum-exp
+    of the scaled logits over the valid slots; o = 0 and lse = -inf where no slot is valid.
+  Raises:
+    ValueError: on disagreeing shapes or dtypes, an N no block size divides, or a head dim that is
+      not a power of two >= 16 (supports() says which caches the kernel takes).
   """
-  B, H, K, E, S = _check_decode_inputs(q, k_cache, v_cache, lengths)
+  B, K, G, E, N = _check_inputs(q, k, v, pos, q_pos, mask)
+  if block_size is None:
+    block_size = pick_block_size(N)
+    # A K or V tile past 16 KiB (float32 at E >= 128) spills registers: halve it while it divides.
+    while block_size > BLOCK_SIZES[-1] and block_size * E * k.dtype.itemsize > MAX_TILE_BYTES:
+      block_size //= 2
   block_size = layouts.check_block_size(block_size)
-  n = -(-S // block_size)
-  ids, count, L = _block_lists(layout_or_block_lists, lengths, B=B, H=H, K=K, n=n,
-                               block_size=block_size)
-  W = ids.shape[-1]
+  if N % block_size:
+    raise ValueError(f"block_size {block_size} must divide the slot count N={N}")
+  if E < 16 or not layouts.is_power_of_two(E):
+    raise ValueError(f"head_dim E={E} must be a power of two >= 16 for the kernel; use "
+                     "cache_decode_attention_reference")
+  n_blocks = N // block_size
   if num_splits is None:
-    num_splits = max(1, min(16, W // 4))
-  if not isinstance(num_splits, int) or num_splits < 1:
+    num_splits = _default_splits(B, K, n_blocks)
+  if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
     raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-  pad_s = n * block_size - S
-  pad_e = pl.next_power_of_2(E) - E
-  if pad_s or pad_e:
-    k_cache, v_cache = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, pad_e)))
-                        for x in (k_cache, v_cache))
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, pad_e)))
-  o, lse = _decode(q, k_cache, v_cache, lengths.astype(jnp.int32), ids, count,
-                   block_size=block_size, num_splits=num_splits,
-                   sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
-                   num_warps=num_warps, num_stages=num_stages,
-                   interpret=default_interpret() if interpret is None else bool(interpret),
-                   debug=debug)
-  o = o[..., :E]
-  return (o, lse) if return_lse else o
+  num_splits = min(num_splits, n_blocks)  # a split past the last block would only write -inf
+  return _decode(q, k, v, pos, q_pos, mask, block_size=block_size, num_splits=num_splits,
+                 sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
+                 num_warps=num_warps, num_stages=num_stages,
+                 interpret=default_interpret() if interpret is None else bool(interpret),
+                 debug=debug)
 
 
-def block_sparse_decode_attention_reference(q, k_cache, v_cache, lengths, layout_or_block_lists,
-                                            *, block_size: int, sm_scale: float | None = None,
-                                            return_lse: bool = False):
-  """Dense float32 decode attention with the blocks expanded to a token mask (same args)."""
-  B, H, K, E, S = _check_decode_inputs(q, k_cache, v_cache, lengths)
-  n = -(-S // block_size)
-  ids, count, L = _block_lists(layout_or_block_lists, lengths, B=B, H=H, K=K, n=n,
-                               block_size=block_size)
-  used = jnp.arange(ids.shape[-1])[None, None, :] < count[..., None]  # [B, L, W]
-  bi = jnp.arange(B)[:, None, None]
-  li = jnp.arange(L)[None, :, None]
-  blocks = jnp.zeros((B, L, n + 1), bool).at[bi, li, jnp.where(used, ids, n)].set(True)[..., :n]
-  lmap = layouts.head_to_layout_head(L, H, K)
-  blocks = blocks[:, np.array([lmap(h) for h in range(H)])]  # [B, H, n]
-  mask = jnp.repeat(blocks, block_size, axis=2)[..., :S]
-  mask = mask & (jnp.arange(S)[None, None, :] < lengths[:, None, None])
+def cache_decode_attention_reference(q, k, v, pos, q_pos, mask=None, *,
+                                     sm_scale: float | None = None):
+  """Dense float32 (Precision.HIGHEST) decode attention, same contract as cache_decode_attention
+  for any N and E: returns (o [B, K, G, E] in q's dtype, lse [B, K, G] float32)."""
+  B, K, G, E, N = _check_inputs(q, k, v, pos, q_pos, mask)
   sm_scale = 1.0 / math.sqrt(E) if sm_scale is None else sm_scale
-  k = jnp.repeat(k_cache.astype(jnp.float32), H // K, axis=2)
-  v = jnp.repeat(v_cache.astype(jnp.float32), H // K, axis=2)
-  s = jnp.einsum("bhe,bshe->bhs", q.astype(jnp.float32), k,
-                 precision=lax.Precision.HIGHEST) * sm_scale
-  s = jnp.where(mask, s, -jnp.inf)
+  live = (pos >= 0) & (pos <= q_pos[:, None, None])  # [B, K, N]
+  valid = live[:, :, None, :] if mask is None else live[:, :, None, :] & mask  # [B, K, G?, N]
+  # Empty slots may hold anything (the kernel never reads them): zero them so no NaN leaks in.
+  kf, vf = (jnp.where(live[..., None], x.astype(jnp.float32), 0.0) for x in (k, v))
+  hi = lax.Precision.HIGHEST
+  s = jnp.einsum("bkge,bkne->bkgn", q.astype(jnp.float32), kf, precision=hi) * sm_scale
+  s = jnp.where(valid, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  p = jnp.where(valid, jnp.exp(s - m), 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bhs,bshe->bhe", p / jnp.where(l == 0, 1.0, l), v,
-                 precision=lax.Precision.HIGHEST)
-  if not return_lse:
-    return o
+  o = jnp.einsum("bkgn,bkne->bkge", p / jnp.where(l == 0, 1.0, l), vf, precision=hi)
   lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))[..., 0]
-  return o, lse
+  return o.astype(q.dtype), lse

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from colm.attention import reference_attention, register_attention
 from colm.config import ModelConfig
 from colm.model import Decoder
-from colm.attention import reference_attention, register_attention
 from kvcache import (
   Compression,
   SamplingConfig,

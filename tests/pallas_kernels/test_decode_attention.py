@@ -1,18 +1,24 @@
-"""Split-K block-sparse decode attention (interpret mode on CPU) against the dense reference."""
+"""KV-cache decode attention (interpret mode on CPU) against an independent float64 numpy loop."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import block_sparse_decode_attention, block_sparse_decode_attention_reference
+from pallas_kernels import (
+    cache_decode_attention,
+    cache_decode_attention_reference,
+    pick_block_size,
+    supports,
+)
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+def _seed() -> int:
+  seed = int(np.random.SeedSequence().entropy % 2**32)
+  print(f"seed={seed}")
+  return seed
 
 
 def _compiled(fn, *args):
@@ -20,55 +26,165 @@ def _compiled(fn, *args):
   return jax.jit(fn).lower(*args).compile(compiler_options=opts)(*args)
 
 
-@pytest.mark.parametrize("H,K,E,lh,dtype,lists", [
-    (4, 2, 64, "H", jnp.float32, False),  # per-head, per-sequence layouts
-    (4, 1, 128, "1", jnp.bfloat16, True),  # shared explicit block lists
-    (6, 2, 64, "K", jnp.float32, True),  # per-KV-head lists
+def _inputs(rng, B, K, G, N, E, dtype, with_mask, nan_empty=False):
+  """Random cache: positions drawn without replacement from [0, 2N) in random slot order, ~20%
+  of slots empty (-1), queries at positions that leave some slots in the future; sequence B-1 has
+  one KV head with no token at all, and with a mask head (0, 0, 0) may attend nothing."""
+  q = rng.standard_normal((B, K, G, E)).astype(np.float32)
+  k = rng.standard_normal((B, K, N, E)).astype(np.float32)
+  v = rng.standard_normal((B, K, N, E)).astype(np.float32)
+  pos = np.stack([np.stack([rng.choice(2 * N, N, replace=False) for _ in range(K)])
+                  for _ in range(B)]).astype(np.int32)
+  pos[rng.random(pos.shape) < 0.2] = -1
+  pos[B - 1, K - 1] = -1
+  q_pos = rng.integers(N // 2, 2 * N, B).astype(np.int32)
+  mask = None
+  if with_mask:
+    mask = rng.random((B, K, G, N)) < 0.5
+    mask[0, 0, 0] = False
+  if nan_empty:  # empty slots may hold anything: the kernel must not read them
+    k[pos < 0] = np.nan
+    v[pos < 0] = np.nan
+  q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+  return q, k, v, jnp.asarray(pos), jnp.asarray(q_pos), None if mask is None else jnp.asarray(mask)
+
+
+def _numpy_attention(q, k, v, pos, q_pos, mask, sm_scale=None):
+  """float64 loop over (b, k, g): softmax over the slots picked by the contract's rule."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  pos, q_pos = np.asarray(pos), np.asarray(q_pos)
+  B, K, G, E = q.shape
+  scale = 1.0 / np.sqrt(E) if sm_scale is None else sm_scale
+  o = np.zeros((B, K, G, E))
+  lse = np.full((B, K, G), -np.inf)
+  for b in range(B):
+    for h in range(K):
+      for g in range(G):
+        ok = (pos[b, h] >= 0) & (pos[b, h] <= q_pos[b])
+        if mask is not None:
+          ok &= np.asarray(mask)[b, h, g]
+        idx = np.flatnonzero(ok)
+        if idx.size == 0:
+          continue
+        s = k[b, h, idx] @ q[b, h, g] * scale
+        m = s.max()
+        w = np.exp(s - m)
+        lse[b, h, g] = m + np.log(w.sum())
+        o[b, h, g] = (w / w.sum()) @ v[b, h, idx]
+  return o, lse
+
+
+def _check(o, lse, want_o, want_lse, dtype, shape):
+  o32 = np.asarray(o, np.float32)
+  assert o.shape == shape and o.dtype == dtype
+  assert lse.shape == shape[:-1] and lse.dtype == jnp.float32
+  assert not np.isnan(o32).any() and not np.isnan(np.asarray(lse)).any()
+  err = np.linalg.norm(o32 - want_o) / np.linalg.norm(want_o)
+  assert err < (1e-5 if dtype == jnp.float32 else 1e-2), err
+  empty = np.isinf(want_lse)
+  assert (np.isneginf(np.asarray(lse)) == empty).all()
+  assert (o32[empty] == 0.0).all()
+  assert np.allclose(np.asarray(lse)[~empty], want_lse[~empty], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("G,N,E,dtype,with_mask,num_splits", [
+    (1, 128, 32, jnp.float32, False, 1),
+    (4, 192, 16, jnp.bfloat16, True, 3),  # 3 blocks of 64 over 3 splits
+    (8, 96, 32, jnp.float32, True, 2),  # blocks of 32
+    (4, 128, 16, jnp.float32, False, None),  # default splits
+    (8, 256, 16, jnp.bfloat16, False, 4),
+    (1, 48, 32, jnp.bfloat16, True, 5),  # blocks of 16; splits clipped to the 3 blocks
 ])
-def test_decode_matches_reference(H, K, E, lh, dtype, lists):
-  seed = int(np.random.SeedSequence().entropy % 2**32)
+def test_decode_matches_numpy(G, N, E, dtype, with_mask, num_splits):
+  rng = np.random.default_rng(_seed())
+  B, K = 3, 2
+  args = _inputs(rng, B, K, G, N, E, dtype, with_mask, nan_empty=G == 4)
+  run = lambda *a: cache_decode_attention(*a, num_splits=num_splits)
+  o, lse = _compiled(run, *args)
+  want_o, want_lse = _numpy_attention(*args)
+  assert np.isinf(want_lse[B - 1, K - 1]).all()  # the empty KV head
+  _check(o, lse, want_o, want_lse, dtype, (B, K, G, E))
+
+
+def test_decode_slot_order_and_scale():
+  """Permuting the slots changes nothing; sm_scale is applied to the logits."""
+  rng = np.random.default_rng(_seed())
+  B, K, G, N, E = 2, 2, 4, 64, 16
+  q, k, v, pos, q_pos, mask = _inputs(rng, B, K, G, N, E, jnp.float32, True)
+  perm = rng.permutation(N)
+  run = lambda *a: cache_decode_attention(*a, sm_scale=0.3, num_splits=2)
+  o, lse = _compiled(run, q, k, v, pos, q_pos, mask)
+  po, plse = _compiled(run, q, k[:, :, perm], v[:, :, perm], pos[:, :, perm], q_pos,
+                       mask[..., perm])
+  want_o, want_lse = _numpy_attention(q, k, v, pos, q_pos, mask, sm_scale=0.3)
+  _check(o, lse, want_o, want_lse, jnp.float32, (B, K, G, E))
+  np.testing.assert_allclose(po, o, atol=1e-5)
+  np.testing.assert_allclose(plse, lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,with_mask", [(jnp.float32, True), (jnp.bfloat16, False)])
+def test_reference_matches_numpy(dtype, with_mask):
+  rng = np.random.default_rng(_seed())
+  args = _inputs(rng, 3, 2, 4, 40, 24, dtype, with_mask, nan_empty=True)  # any N, E
+  o, lse = cache_decode_attention_reference(*args)
+  _check(o, lse, *_numpy_attention(*args), dtype, (3, 2, 4, 24))
+
+
+def test_all_invalid_everywhere():
+  """A query before every cached token: o = 0 and lse = -inf, no NaN."""
+  seed = _seed()
   rng = np.random.default_rng(seed)
-  B, S, bs = 3, 200, 16
-  n = -(-S // bs)
-  L = {"H": H, "K": K, "1": 1}[lh]
-  q = jnp.asarray(rng.standard_normal((B, H, E)), dtype)
-  kc = jnp.asarray(rng.standard_normal((B, S, K, E)), dtype)
-  vc = jnp.asarray(rng.standard_normal((B, S, K, E)), dtype)
-  lengths = jnp.asarray([S, int(rng.integers(20, S)), 0], jnp.int32)  # the last one is empty
-  if lists:
-    counts = rng.integers(0, n + 1, (B, L))
-    ids = np.stack([np.stack([rng.permutation(n) for _ in range(L)]) for _ in range(B)])
-    arg = (jnp.asarray(ids, jnp.int32), jnp.asarray(counts, jnp.int32))
-  else:
-    arg = rng.random((B, L, n)) < 0.5
-  run = lambda q, kc, vc, lengths: block_sparse_decode_attention(
-      q, kc, vc, lengths, arg, block_size=bs, num_splits=3, return_lse=True)
-  o, lse = _compiled(run, q, kc, vc, lengths)
-  ro, rlse = block_sparse_decode_attention_reference(q, kc, vc, lengths, arg, block_size=bs,
-                                                     return_lse=True)
-  tol = 1e-4 if dtype == jnp.float32 else 2e-2
-  msg = f"seed={seed}"
-  assert o.shape == (B, H, E) and o.dtype == dtype, msg
-  assert not np.isnan(np.asarray(o, np.float32)).any(), msg
-  assert _rel(o, ro) < tol, (_rel(o, ro), msg)
-  assert (np.isinf(lse) == np.isinf(rlse)).all(), msg
-  fin = np.isfinite(np.asarray(rlse))
-  assert np.allclose(np.asarray(lse)[fin], np.asarray(rlse)[fin], atol=1e-4), msg
-  assert np.all(np.asarray(o, np.float32)[2] == 0.0), msg  # length 0: zeros, not NaN
+  q, k, v, pos, _, _ = _inputs(rng, 2, 1, 4, 64, 16, jnp.float32, False)
+  o, lse = cache_decode_attention(q, k, v, jnp.maximum(pos, 1), jnp.zeros((2,), jnp.int32))
+  assert (np.asarray(o) == 0).all() and np.isneginf(np.asarray(lse)).all(), seed
+
+
+def test_block_size_choice():
+  assert [pick_block_size(n) for n in (64, 192, 96, 48, 4096)] == [64, 64, 32, 16, 64]
+  assert supports(48) and supports(4096, head_dim=128)
+  assert not supports(40) and not supports(0) and not supports(64, head_dim=48)
+  with pytest.raises(ValueError, match="N=40"):
+    pick_block_size(40)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(q_shape=(2, 4)), "q must be"),
-    (dict(k_shape=(2, 64, 3, 64)), "kv_heads"),
-    (dict(lengths_shape=(3,)), "lengths"),
-    (dict(layout_shape=(4, 5)), "layout_or_block_lists"),
-    (dict(layout_shape=(3, 4)), "layout_or_block_lists"),
+    (dict(q=(2, 2, 4)), "q must be 4-D"),
+    (dict(v=(2, 2, 32, 16)), "must agree"),
+    (dict(k=(2, 3, 64, 16), v=(2, 3, 64, 16), pos=(2, 3, 64)), "does not match q"),
+    (dict(kdtype=jnp.int32), "k must be a float"),
+    (dict(pos=(2, 2, 32)), "pos must be"),
+    (dict(posdtype=jnp.float32), "pos must be"),
+    (dict(q_pos=(2, 1)), "q_pos must be"),
+    (dict(qposdtype=jnp.float32), "q_pos must be"),
+    (dict(mask=(2, 2, 3, 64)), "mask must be"),
+    (dict(mask=(2, 2, 4, 64), maskdtype=jnp.int8), "mask must be"),
+    (dict(k=(2, 2, 40, 16), v=(2, 2, 40, 16), pos=(2, 2, 40)), "N=40"),
+    (dict(q=(2, 2, 4, 24), k=(2, 2, 64, 24), v=(2, 2, 64, 24)), "head_dim E=24"),
     (dict(block_size=48), "block_size"),
+    (dict(block_size=128), "divide"),
+    (dict(num_splits=0), "num_splits"),
 ])
 def test_decode_bad_input_raises(kwargs, match):
-  q = jnp.zeros(kwargs.get("q_shape", (2, 4, 64)))
-  k = jnp.zeros(kwargs.get("k_shape", (2, 64, 2, 64)))
-  lengths = jnp.zeros(kwargs.get("lengths_shape", (2,)), jnp.int32)
-  layout = np.ones(kwargs.get("layout_shape", (4, 4)), bool)
+  get = lambda name, default: kwargs.get(name, default)
+  q = jnp.zeros(get("q", (2, 2, 4, 16)))
+  k = jnp.zeros(get("k", (2, 2, 64, 16)), get("kdtype", jnp.float32))
+  v = jnp.zeros(get("v", k.shape), k.dtype)
+  pos = jnp.zeros(get("pos", (2, 2, 64)), get("posdtype", jnp.int32))
+  q_pos = jnp.zeros(get("q_pos", (2,)), get("qposdtype", jnp.int32))
+  mask = jnp.zeros(kwargs["mask"], get("maskdtype", bool)) if "mask" in kwargs else None
   with pytest.raises(ValueError, match=match):
-    block_sparse_decode_attention(q, k, k, lengths, layout, block_size=kwargs.get("block_size", 16))
+    cache_decode_attention(q, k, v, pos, q_pos, mask, block_size=get("block_size", None),
+                           num_splits=get("num_splits", None))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,with_mask", [(jnp.bfloat16, True), (jnp.bfloat16, False),
+                                             (jnp.float32, True)])
+def test_decode_compiled_gpu(dtype, with_mask):
+  rng = np.random.default_rng(_seed())
+  B, K, G, N, E = 2, 4, 8, 4096, 128
+  args = _inputs(rng, B, K, G, N, E, dtype, with_mask, nan_empty=True)
+  o, lse = cache_decode_attention(*args, interpret=False)
+  _check(o, lse, *_numpy_attention(*args), dtype, (B, K, G, E))
+  ro, rlse = cache_decode_attention_reference(*args)
+  assert np.allclose(np.asarray(lse), np.asarray(rlse), atol=1e-3)

@@ -11,8 +11,8 @@ from flax import nnx
 from colm.attention import get_attention
 from colm.config import ModelConfig
 from colm.model import Decoder
-from pallas_kernels import block_sparse_attention_reference
 from kvcache import generate
+from pallas_kernels import block_sparse_attention_reference
 from s2attn import S2Pattern, hybrid_layer_attn, s2_attention, s2_compression, s2_spec
 
 

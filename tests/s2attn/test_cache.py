@@ -83,14 +83,16 @@ def test_eviction_keeps_exactly_the_readable_tokens(name):
     cache = _write(policy, cache, jnp.asarray(t, jnp.int32))
     for bi in range(b):
       want = readable_from(plan, int(t[bi]) + 1) if t[bi] + 1 < plan.max_len else None
-      for k, (h0, g) in enumerate([(h0, g) for g, (h0, h1) in zip(
-          cache.layers[0].groups, cache.layers[0].head_ranges()) for _ in range(h1 - h0)]):
-        held = np.asarray(g.pos[bi, k - h0])
+      layer = cache.layers[0]
+      heads = [(g, h0) for g, (h0, h1) in zip(layer.groups, layer.head_ranges())
+               for _ in range(h1 - h0)]
+      for k, (g, first) in enumerate(heads):
+        held = np.asarray(g.pos[bi, k - first])
         got = held[held >= 0]
         assert len(set(got.tolist())) == len(got), "a position held twice"
         if want is not None:
           assert set(got.tolist()) == want[k], (name, t[bi], k)
-        key = np.asarray(g.k[bi, k - h0, :, 0])
+        key = np.asarray(g.k[bi, k - first, :, 0])
         np.testing.assert_array_equal(key[held >= 0], got)  # no slot clobbered
 
 
@@ -150,7 +152,7 @@ def test_compressed_decoding_equals_full_cache_and_full_forward(spread_decoder, 
   # Held tokens per S2 KV head: what the pattern can read from the next position on.
   held = cache.held_tokens()  # [L, B, K]
   for li in (0, 2, 3):
-    for bi, p in enumerate(prompts):
+    for bi in range(len(prompts)):
       # The last position written (the loop runs whole chunks of 16 steps, so a few extra).
       t = int(np.asarray(cache.lengths)[bi]) - 1
       want = [len(s) for s in readable_from(plans[li], t + 1)]
