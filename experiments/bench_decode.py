@@ -46,7 +46,8 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 20) -> float:
 
 
 def bench_one(preset: str, batch: int, prompt: int, new: int, repeats: int, bandwidth: float,
-              dtype: str = "bfloat16", profile: str | None = None) -> dict:
+              dtype: str = "bfloat16", profile: str | None = None,
+              decode_attn: str = "auto") -> dict:
   cfg = ModelConfig.preset(preset, max_seq_len=prompt + new, dtype=dtype, param_dtype=dtype)
   model = Decoder(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
@@ -57,7 +58,7 @@ def bench_one(preset: str, batch: int, prompt: int, new: int, repeats: int, band
   stops = jnp.zeros((0,), jnp.int32)
 
   def run():
-    cache = init_cache(cfg, batch, prompt + new)
+    cache = init_cache(cfg, batch, prompt + new, decode_attn=decode_attn)
     t0 = time.perf_counter()
     logits, cache = prefill(graphdef, params, tokens, lengths, cache)
     first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
@@ -87,6 +88,7 @@ def bench_one(preset: str, batch: int, prompt: int, new: int, repeats: int, band
   roof = (param_bytes + kv_bytes) / bandwidth
   on_gpu = jax.default_backend() == "gpu"  # on a CPU small weights sit in cache: no roofline
   return {"preset": preset, "batch": batch, "prompt": prompt, "new_tokens": new,
+          "decode_attn": decode_attn,
           "params": cfg.num_params(), "param_bytes": param_bytes, "kv_bytes_per_step": kv_bytes,
           "compile_s": compile_s, "prefill_ms": 1e3 * prefill_s, "decode_s": decode_s,
           "step_ms": 1e3 * step_s, "tokens_per_s": batch * steps / decode_s,
@@ -99,7 +101,8 @@ def bench_one(preset: str, batch: int, prompt: int, new: int, repeats: int, band
 def main(argv: list[str] | None = None) -> dict:
   ap = argparse.ArgumentParser(prog="python -m experiments bench decode")
   ap.add_argument("--variants", default="large:1,base:1,base:32",
-                  help="preset:batch pairs, comma-separated")
+                  help="preset:batch[:decode_attn] triples, comma-separated (decode_attn: auto, "
+                       "pallas or reference; default auto)")
   ap.add_argument("--prompt", type=int, default=1024)
   ap.add_argument("--new", type=int, default=1024)
   ap.add_argument("--repeats", type=int, default=3)
@@ -113,18 +116,20 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
   rows = []
   for v in args.variants.split(","):
-    preset, batch = v.split(":")
+    preset, batch, *attn = v.split(":")
     r = bench_one(preset, int(batch), args.prompt, args.new, args.repeats, bw, args.dtype,
-                  profile=args.profile if not rows else None)
+                  profile=args.profile if not rows else None,
+                  decode_attn=attn[0] if attn else "auto")
     rows.append(r)
-    print(f"{preset} b{batch}: {r['tokens_per_s']:,.0f} tok/s, {r['step_ms']:.3f} ms/step, "
-          f"{pct(r['roofline_fraction'])} of roofline", flush=True)
+    print(f"{preset} b{batch} {r['decode_attn']}: {r['tokens_per_s']:,.0f} tok/s, "
+          f"{r['step_ms']:.3f} ms/step, {pct(r['roofline_fraction'])} of roofline", flush=True)
   path = write_results(args.name, {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}, args.out)
-  print(f"\n{'preset':7} {'batch':>5} {'params':>8} {'ms/step':>8} {'roof ms':>8} {'tok/s':>9} "
-        f"{'roofline':>8}")
+  print(f"\n{'preset':7} {'batch':>5} {'attn':>9} {'params':>8} {'ms/step':>8} {'roof ms':>8} "
+        f"{'tok/s':>9} {'roofline':>8}")
   for r in rows:
     roof_ms = "n/a" if r["roofline_step_ms"] is None else f"{r['roofline_step_ms']:.3f}"
-    print(f"{r['preset']:7} {r['batch']:5d} {r['params'] / 1e6:7.0f}M {r['step_ms']:8.3f} "
+    print(f"{r['preset']:7} {r['batch']:5d} {r['decode_attn']:>9} {r['params'] / 1e6:7.0f}M "
+          f"{r['step_ms']:8.3f} "
           f"{roof_ms:>8} {r['tokens_per_s']:9,.0f} {pct(r['roofline_fraction']):>8}")
   print(f"wrote {path}")
   return {"rows": rows, "path": str(path)}

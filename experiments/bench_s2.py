@@ -5,19 +5,22 @@
     python -m experiments bench s2 all                    # GPU: 32K train step, 32K decode
 
 `cache` writes results/s2_cache_<backend>.json: bytes of the per-head compressed cache
-(kvcache.s2_cache) against the dense KVCache for the base model (12 layers, 12 query / 4 KV
+(S2's eviction policy, s2attn.cache) against the dense cache for the base model (12 layers, 12 query / 4 KV
 heads, head dim 64, bf16) at 8K, 32K and 128K tokens, per pattern variant (stride 8 / 16,
 per-query-head patterns whose KV head keeps its group's union, per-KV-head patterns, an MHA
 model, hybrids with one dense layer in four), plus a real allocation and compression at 8K.
 `train` and `decode` write results/s2_bench_<backend>.json: median train step (forward,
 backward, AdamW) of the dense, all-S2 and hybrid (one dense layer in four) stacks, and decode
-tokens/s of the dense model with the dense cache against S2 models (per-query-head and
-per-KV-head patterns) with the compressed cache, after a prefill of --seq tokens.
+tokens/s (batch --batch, default 8) of the dense model with the full cache against S2 models
+(per-query-head and per-KV-head patterns) with S2's eviction policy, after a prefill of --seq
+tokens, all through kvcache's one decode loop: % of the bandwidth roofline and the S2 speed-up
+beside its ideal (the ratio of bytes read per token, weights included).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -26,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from colm.config import ModelConfig
-from experiments.results import write_results
-from kvcache.s2_cache import cache_bytes, plan_layers
+from experiments.results import pct, write_results
+from s2attn import cache_bytes, plan_layers
 
 LENGTHS = (8192, 32768, 131072)
 
@@ -67,24 +70,25 @@ def cache_table(base: ModelConfig, lengths=LENGTHS, batch: int = 1, local_blocks
       rows.append({"variant": name, "tokens": n, "n_kv_heads": cfg.n_kv_heads,
                    "heads_cover_context": covers, "dense_bytes": dense, "s2_bytes": s2,
                    "s2_kv_bytes": s2_kv, "ratio": dense / s2, "ratio_kv_only": dense / s2_kv,
-                   "slots_per_kv_head": [p.budget for p in plans]})
+                   "slots_per_kv_head": [list(p.kv_budgets) for p in plans]})
   return rows
 
 
 def real_cache_8k(base: ModelConfig, variant: dict, n: int = 8192, seed: int = 0) -> dict:
-  """Allocates the dense and the compressed cache at n tokens, compresses a dense cache of
-  random keys into the S2 one, and counts the tokens actually held."""
-  from kvcache.cache import KVCache, init_cache
-  from kvcache.s2_cache import compress, init_s2_cache
+  """Allocates the dense cache at n tokens with every slot filled, applies S2's eviction policy
+  (which repacks into per-KV-head budgets), and counts the bytes and tokens actually held."""
+  from kvcache import apply_policy, init_cache, map_positions
+  from s2attn import S2Eviction
   cfg = base.replace(**variant, max_seq_len=n)
   plans = plan_layers(cfg, n)
   dense = init_cache(cfg, 1, n)
-  dense = KVCache(dense.k, dense.v, jnp.full((1,), n, jnp.int32))  # every position filled
-  s2 = init_s2_cache(plans, 1, cfg.head_dim, cfg.dtype)
-  alloc = s2.nbytes()
-  s2 = jax.jit(compress, static_argnums=1)(dense, plans, cache=s2)
+  dense = map_positions(dense, lambda li, h0, pos: jnp.broadcast_to(
+      jnp.arange(pos.shape[-1], dtype=jnp.int32), pos.shape))
+  dense = dataclasses.replace(dense, lengths=jnp.full((1,), n, jnp.int32))  # all filled
+  dense_bytes = dense.nbytes()
+  s2 = apply_policy(S2Eviction(plans), dense)
   held = s2.held_tokens()  # [L, B, K]
-  return {"tokens": n, "dense_bytes_allocated": dense.nbytes(), "s2_bytes_allocated": alloc,
+  return {"tokens": n, "dense_bytes_allocated": dense_bytes, "s2_bytes_allocated": s2.nbytes(),
           "s2_bytes_analytic": cache_bytes(plans, 1, cfg.head_dim, jnp.dtype(cfg.dtype).itemsize),
           "held_tokens_per_kv_head_layer0": held[0, 0].tolist(),
           "held_tokens_total": int(held.sum()), "dense_tokens_total": int(
@@ -127,44 +131,61 @@ def time_train(mcfg: ModelConfig, batch: int, seq: int, steps: int) -> dict:
 # ------------------------------------------------------------------------------------- decoding
 
 
-def time_decode(model, context: int, new: int, s2: bool) -> dict:
-  """Prefill `context` random tokens (batch 1), then time `new` single-token decode steps."""
+def time_decode(model, context: int, new: int, s2: bool, batch: int = 1,
+                bandwidth: float | None = None, repeats: int = 3) -> dict:
+  """Prefill `context` random tokens per sequence, then greedy-decode `new` tokens in the one
+  compiled decode loop (kvcache.decode_loop); S2 models with S2's eviction policy (per-KV-head
+  budgets, eviction after every step). Bytes per token count the weights and the K/V, positions
+  and masks actually held (read by decode attention)."""
   from flax import nnx
 
-  from kvcache.cache import init_cache
-  from kvcache.decode import decode_step, prefill
-  from s2attn.decode import s2_decode_step, s2_prefill
+  from kvcache import SamplingConfig, apply_policy, decode_loop, init_cache, prefill
+  from s2attn import s2_compression
   cfg = model.cfg
   graphdef, params = nnx.split(model)
-  toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, context)),
-                     jnp.int32)
-  lengths = jnp.full((1,), context, jnp.int32)
-  max_len = context + new + 1
-  t0 = time.perf_counter()
-  if s2:
-    plans = plan_layers(cfg, max_len)
-    logits, cache = s2_prefill(graphdef, params, toks, lengths, plans)
+  toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, context)).astype(np.int32)
+  lengths = np.full((batch,), context, np.int32)
+  max_len = context + new + 16
+  comp = s2_compression(cfg, max_len) if s2 else None
+  stops = jnp.zeros((0,), jnp.int32)
 
-    def step(tok, cache):
-      return s2_decode_step(graphdef, params, tok, cache, plans)
-  else:
-    logits, cache = prefill(graphdef, params, toks, lengths, init_cache(cfg, 1, max_len))
+  def run():
+    cache = init_cache(cfg, batch, context if s2 else max_len)
+    t0 = time.perf_counter()
+    logits, cache = prefill(graphdef, params, toks, lengths, cache)
+    if comp is not None:
+      cache = apply_policy(comp.policy, cache)
+    first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    jax.block_until_ready((first, cache))
+    t1 = time.perf_counter()
+    out, n, cache = decode_loop(graphdef, params, first, cache, jax.random.key(0), stops,
+                                max_new_tokens=new, sampling=SamplingConfig(),
+                                compression=None if comp is None else comp)
+    jax.block_until_ready(out)
+    return t1 - t0, time.perf_counter() - t1, int(n), cache
 
-    def step(tok, cache):
-      return decode_step(graphdef, params, tok, cache)
-  tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-  jax.block_until_ready(cache)
-  prefill_s = time.perf_counter() - t0
-  logits, cache = step(tok, cache)  # compile
-  jax.block_until_ready(logits)
-  t0 = time.perf_counter()
-  for _ in range(new):
-    logits, cache = step(jnp.argmax(logits, -1).astype(jnp.int32), cache)
-  jax.block_until_ready(logits)
-  dt = time.perf_counter() - t0
-  return {"context": context, "new_tokens": new, "prefill_s": prefill_s,
-          "decode_tokens_per_s": new / dt, "decode_ms_per_token": 1e3 * dt / new,
-          "cache_bytes": int(cache.nbytes())}
+  run()  # compile
+  runs = [run() for _ in range(repeats)]
+  steps = runs[0][2] - 1
+  decode_s = float(np.median([r[1] for r in runs]))
+  cache = runs[-1][3]
+  held = cache.held_tokens()  # [L, B, K] at the end
+  slot_bytes = 2 * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  # K/V read per step averaged over the run: dense grows from context to context + steps; S2
+  # holds about its budget (the held count at the end is the steady state).
+  kv_bytes = (batch * cfg.n_layers * cfg.n_kv_heads * (context + steps / 2) * slot_bytes
+              if not s2 else float(held.sum()) * slot_bytes)
+  step_s = decode_s / steps
+  r = {"context": context, "batch": batch, "new_tokens": new, "steps": steps,
+       "prefill_s": float(np.median([r[0] for r in runs])),
+       "decode_tokens_per_s": batch * steps / decode_s, "decode_ms_per_token": 1e3 * step_s,
+       "cache_bytes": int(cache.nbytes()), "param_bytes": param_bytes,
+       "kv_bytes_per_step": kv_bytes, "bytes_per_step": param_bytes + kv_bytes}
+  if bandwidth:
+    r["roofline_step_ms"] = 1e3 * r["bytes_per_step"] / bandwidth
+    r["roofline_fraction"] = r["roofline_step_ms"] / r["decode_ms_per_token"]
+  return r
 
 
 def main(argv=None):
@@ -176,6 +197,7 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=None, help="timed train steps")
   ap.add_argument("--new", type=int, default=None, help="timed decode tokens")
   ap.add_argument("--stride", type=int, default=8)
+  ap.add_argument("--batch", type=int, default=None, help="decode batch (default 8; 1 quick)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   q = args.quick
@@ -218,18 +240,32 @@ def main(argv=None):
     from flax import nnx
 
     from colm.model import Decoder
+    from experiments.bench_decode import copy_bandwidth
+    bw = copy_bandwidth(1 << 30 if jax.default_backend() == "gpu" else 1 << 24)
     dec = {}
-    new = args.new or (8 if q else 64)
+    new = args.new or (8 if q else 128)
+    batch = args.batch or (1 if q else 8)
     for name in ("dense", "s2", "s2_per_kv_head"):
-      cfg = _bench_cfg(**shape, seq=seq + new + 1, dtype=dtype, layer_attn=stacks[name])
+      cfg = _bench_cfg(**shape, seq=seq + new + 16, dtype=dtype, layer_attn=stacks[name])
       model = nnx.jit(lambda cfg=cfg: Decoder(cfg, rngs=nnx.Rngs(0)))()
-      dec[name] = time_decode(model, seq, new, s2=name != "dense")
+      dec[name] = time_decode(model, seq, new, s2=name != "dense", batch=batch,
+                              bandwidth=bw if jax.default_backend() == "gpu" else None)
       print(name, dec[name], flush=True)
     for name in ("s2", "s2_per_kv_head"):
-      dec[name]["speedup_vs_dense"] = (dec[name]["decode_tokens_per_s"]
-                                       / dec["dense"]["decode_tokens_per_s"])
-      dec[name]["cache_ratio_vs_dense"] = dec["dense"]["cache_bytes"] / dec[name]["cache_bytes"]
+      d = dec[name]
+      d["speedup_vs_dense"] = d["decode_tokens_per_s"] / dec["dense"]["decode_tokens_per_s"]
+      d["ideal_speedup"] = dec["dense"]["bytes_per_step"] / d["bytes_per_step"]
+      d["speedup_over_ideal"] = d["speedup_vs_dense"] / d["ideal_speedup"]
+      d["cache_ratio_vs_dense"] = dec["dense"]["cache_bytes"] / d["cache_bytes"]
     payload["decode"] = dec
+    payload["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"\n{'decode':15} {'batch':>5} {'ms/tok':>8} {'tok/s':>9} {'roofline':>8} "
+          f"{'speed-up':>8} {'ideal':>6} {'of ideal':>8}")
+    for name, d in dec.items():
+      print(f"{name:15} {d['batch']:5d} {d['decode_ms_per_token']:8.3f} "
+            f"{d['decode_tokens_per_s']:9,.0f} {pct(d.get('roofline_fraction')):>8} "
+            f"{d.get('speedup_vs_dense', 1.0):8.2f} {d.get('ideal_speedup', 1.0):6.2f} "
+            f"{pct(d.get('speedup_over_ideal', 1.0)):>8}")
   p = write_results("s2_bench" + ("_quick" if q else ""), payload, args.out)
   print(f"wrote {p}")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 BENCHMARKS = {
     "train": "experiments.bench_train",
     "decode": "experiments.bench_decode",
+    "prefill": "experiments.bench_prefill",
     "attention": "experiments.bench_attention",
     "colm": "experiments.bench_colm",
     "s2": "experiments.bench_s2",

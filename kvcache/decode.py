@@ -121,9 +121,10 @@ def decode_step(graphdef: nnx.GraphDef, params: nnx.State, token: jax.Array, cac
   return logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("policy",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("policy",))
 def apply_policy(policy, cache: KVCache, scores=None) -> KVCache:
-  """policy(cache, scores) compiled, the cache donated."""
+  """policy(cache, scores) compiled (not donated: a policy after prefill usually returns other
+  shapes, so the buffers could not be reused; drop the input cache after the call)."""
   return policy(cache, scores)
 
 
