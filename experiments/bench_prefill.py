@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
       **shape)
   r = bench(cfg, args.context, args.chunk, args.batch, args.repeats)
   r.update(context=args.context, chunk=args.chunk, batch=args.batch,
-           model="4 layers, d_model %d, 16 heads, 4 KV heads, %s" % (cfg.d_model, cfg.dtype))
+           model=f"4 layers, d_model {cfg.d_model}, 16 heads, 4 KV heads, {cfg.dtype}")
   path = write_results("prefill" + ("_quick" if args.quick else ""), r, args.out)
   print(f"\n{'context':>8} {'chunk':>6} {'one-shot ms':>12} {'chunked ms':>11} {'ratio':>6}")
   print(f"{args.context:8d} {args.chunk:6d} {r['one_shot_ms']:12.2f} {r['chunked_ms']:11.2f} "

@@ -4,9 +4,9 @@
     python -m experiments bench s2 all --quick            # everything at toy sizes on the CPU
     python -m experiments bench s2 all                    # GPU: 32K train step, 32K decode
 
-`cache` writes results/s2_cache_<backend>.json: bytes of the per-head compressed cache
-(S2's eviction policy, s2attn.cache) against the dense cache for the base model (12 layers, 12 query / 4 KV
-heads, head dim 64, bf16) at 8K, 32K and 128K tokens, per pattern variant (stride 8 / 16,
+`cache` writes results/s2_cache_<backend>.json: bytes of the per-head compressed cache (S2's
+eviction policy, s2attn.cache) against the dense cache for the base model (12 layers, 12 query /
+4 KV heads, head dim 64, bf16) at 8K, 32K and 128K tokens, per pattern variant (stride 8 / 16,
 per-query-head patterns whose KV head keeps its group's union, per-KV-head patterns, an MHA
 model, hybrids with one dense layer in four), plus a real allocation and compression at 8K.
 `train` and `decode` write results/s2_bench_<backend>.json: median train step (forward,
