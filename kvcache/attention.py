@@ -121,6 +121,17 @@ def slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, q_p
   return out, lse, probs
 
 
+def cache_attention(q, k, v, pos, q_pos, mask=None, *, scale=None):
+  """slot_attention's (out, lse) for T queries (prefill onto a filled cache): pallas_kernels'
+  prefill kernel on GPU when it applies (no mask, slots a multiple of 64, head dim a power of
+  two >= 16), slot_attention otherwise. Chosen at trace time."""
+  if jax.default_backend() == "gpu" and mask is None:
+    from pallas_kernels.prefill import cache_prefill_attention, supports
+    if supports(q.shape[3], k.shape[2], k.shape[3]):
+      return cache_prefill_attention(q, k, v, pos, q_pos, sm_scale=scale)
+  return slot_attention(q, k, v, pos, q_pos, mask, scale=scale)[:2]
+
+
 def reference_decode_attention(q, k, v, pos, q_pos, mask=None, *, scale=None,
                                return_probs=False):
   """The jnp decode attention: slot_attention with one query per sequence."""

@@ -1,4 +1,5 @@
-"""Pallas kernels: block-sparse flash attention, KV-cache decode attention, log-sum-exp merge."""
+"""Pallas kernels: block-sparse flash attention, decode and prefill attention over the KV cache
+layout, log-sum-exp merge."""
 
 from pallas_kernels.block_sparse import BlockSparseTiles as BlockSparseTiles
 from pallas_kernels.block_sparse import block_sparse_attention as block_sparse_attention
@@ -16,3 +17,7 @@ from pallas_kernels.layouts import s2_layout as s2_layout
 from pallas_kernels.layouts import token_mask as token_mask
 from pallas_kernels.merge import merge_attention as merge_attention
 from pallas_kernels.merge import merge_attention_reference as merge_attention_reference
+from pallas_kernels.prefill import cache_prefill_attention as cache_prefill_attention
+from pallas_kernels.prefill import (
+    cache_prefill_attention_reference as cache_prefill_attention_reference,
+)

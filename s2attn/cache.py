@@ -135,7 +135,12 @@ class S2Eviction:
 
     if cache.budgets() == budgets(self.plans):  # in the loop: mark what left the window empty
       return map_positions(cache, lambda li, h0, pos: jnp.where(keep(li, h0, pos), pos, -1))
-    return repack(cache, budgets(self.plans), keep, max_len=self.plans[0].max_len)
+    cache = repack(cache, budgets(self.plans), keep, max_len=self.plans[0].max_len)
+    # With patterns per KV head every head of a group reads exactly what the group keeps, so
+    # the token mask is a no-op on the evicted cache: skip it.
+    return dataclasses.replace(cache, layers=tuple(
+        dataclasses.replace(layer, token_mask=not (p.pattern is not None and p.per_kv_head))
+        for layer, p in zip(cache.layers, self.plans)))
 
 
 def s2_compression(cfg: ModelConfig, max_len: int | None = None) -> Compression:
