@@ -21,11 +21,12 @@ from flax import nnx
 
 from colm.config import ModelConfig
 from colm.model import Decoder
-from experiments.results import write_results
+from experiments.results import trace_to, write_results
 from kvcache import init_cache, prefill, prefill_chunked
 
 
-def bench(cfg: ModelConfig, context: int, chunk: int, batch: int, repeats: int) -> dict:
+def bench(cfg: ModelConfig, context: int, chunk: int, batch: int, repeats: int,
+          profile: str | None = None) -> dict:
   model = nnx.jit(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))()
   graphdef, params = nnx.split(model)
   toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, context)).astype(np.int32)
@@ -47,6 +48,9 @@ def bench(cfg: ModelConfig, context: int, chunk: int, batch: int, repeats: int) 
       jax.block_until_ready(fn())
       times.append(time.perf_counter() - t0)
     out[name + "_ms"] = 1e3 * float(np.median(times))
+  if profile:
+    with trace_to(profile):
+      jax.block_until_ready(chunked())
   # Same result: the last chunk's logits equal the one-shot logits there.
   a, _ = one()
   b, _ = chunked()
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--quick", action="store_true", help="toy model (CPU)")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--profile", default=None,
+                  help="write a profiler trace (.xplane.pb) of one chunked prefill here")
   args = ap.parse_args(argv)
   if args.context % args.chunk:
     raise SystemExit(f"--context {args.context} must be a multiple of --chunk {args.chunk}")
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
   cfg = ModelConfig(vocab_size=4096, n_layers=4, n_kv_heads=4, ffn_dim=int(2.75 * shape[
       "d_model"]), max_seq_len=args.context, dtype="float32" if args.quick else "bfloat16",
       **shape)
-  r = bench(cfg, args.context, args.chunk, args.batch, args.repeats)
+  r = bench(cfg, args.context, args.chunk, args.batch, args.repeats, args.profile)
   r.update(context=args.context, chunk=args.chunk, batch=args.batch,
            model=f"4 layers, d_model {cfg.d_model}, 16 heads, 4 KV heads, {cfg.dtype}")
   path = write_results("prefill" + ("_quick" if args.quick else ""), r, args.out)
