@@ -127,8 +127,12 @@ def cache_attention(q, k, v, pos, q_pos, mask=None, *, scale=None):
   two >= 16), slot_attention otherwise. Chosen at trace time."""
   if jax.default_backend() == "gpu" and mask is None:
     from pallas_kernels.prefill import cache_prefill_attention, supports
-    if supports(q.shape[3], k.shape[2], k.shape[3]):
-      return cache_prefill_attention(q, k, v, pos, q_pos, sm_scale=scale)
+    n = k.shape[2]
+    # Slot blocks of 128 when they divide N (measured on an H200: 2.0 vs 2.35 ms for 4K queries
+    # over 32K slots, E = 64).
+    block_k = 128 if n % 128 == 0 else 64
+    if supports(q.shape[3], n, k.shape[3], block_k=block_k):
+      return cache_prefill_attention(q, k, v, pos, q_pos, sm_scale=scale, block_k=block_k)
   return slot_attention(q, k, v, pos, q_pos, mask, scale=scale)[:2]
 
 

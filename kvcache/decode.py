@@ -64,6 +64,18 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, length
     logits [B, T, V] float32 and the cache (lengths = start + lengths), plus the scores when
     score_window > 0.
   """
+  tokens, lens, start, fresh = _check_prefill(tokens, lengths, cache, start)
+  if score_window < 0 or score_window > tokens.shape[1]:
+    raise ValueError(f"score_window must be in 0..{tokens.shape[1]}, got {score_window}")
+  logits, cache, scores = _prefill(graphdef, params, tokens, jnp.asarray(lens, jnp.int32),
+                                   jnp.asarray(start, jnp.int32), cache, num_chains, fresh,
+                                   int(score_window))
+  return (logits, cache, scores) if score_window else (logits, cache)
+
+
+def _check_prefill(tokens, lengths, cache: KVCache, start):
+  """Validates a prefill on the host (one device read of the lengths and the free slots):
+  returns (tokens, lengths, start as numpy, whether the cache is empty from start on)."""
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be an int [batch, length] array, got {tokens.dtype} "
@@ -78,30 +90,30 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, length
     if st[i] < 0 or st[i] > seen[i]:
       raise ValueError(f"start position {int(st[i])} of sequence {i} is outside the cache, "
                        f"which holds positions 0..{int(seen[i]) - 1}")
-  start = jnp.asarray(st, jnp.int32)
-  room = np.asarray(_room(cache, start))
+  room = np.asarray(_room(cache, jnp.asarray(st, jnp.int32)))
   for i in range(b):
     if lens[i] > room[i]:
       raise ValueError(f"a prompt of {int(lens[i])} tokens does not fit the {int(room[i])} free "
                        f"slots of sequence {i} (budgets {min(min(x) for x in cache.budgets())}"
                        f"..{cache.max_len})")
-  if score_window < 0 or score_window > t:
-    raise ValueError(f"score_window must be in 0..{t}, got {score_window}")
-  logits, cache, scores = _prefill(graphdef, params, tokens, jnp.asarray(lens, jnp.int32), start,
-                                   cache, num_chains, bool((st == 0).all()), int(score_window))
-  return (logits, cache, scores) if score_window else (logits, cache)
+  return tokens, lens, st, bool((st == 0).all())
 
 
 def prefill_chunked(graphdef: nnx.GraphDef, params: nnx.State, tokens, lengths, cache: KVCache,
                     chunk: int, num_chains: int | None = None):
   """Prefill of right-padded prompts [B, T] in chunks of `chunk` tokens (the first onto the
-  given cache's end, each next onto the last). Returns the logits [B, T, V] and the cache."""
-  tokens = np.asarray(tokens)
-  lens = np.asarray(lengths)
+  given cache's end, each next onto the last). The whole prompt is checked once, so the chunks
+  run back to back with no host sync between them. Returns the logits [B, T, V] and the cache."""
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}")
+  tokens, lens, start, fresh = _check_prefill(tokens, lengths, cache, None)
   out = []
   for c0 in range(0, tokens.shape[1], chunk):
     n = np.clip(lens - c0, 0, chunk)
-    logits, cache = prefill(graphdef, params, tokens[:, c0:c0 + chunk], n, cache, num_chains)
+    at = start + np.minimum(c0, lens)  # a finished sequence stays where it ended
+    logits, cache, _ = _prefill(graphdef, params, tokens[:, c0:c0 + chunk],
+                                jnp.asarray(n, jnp.int32), jnp.asarray(at, jnp.int32),
+                                cache, num_chains, fresh and c0 == 0, 0)
     out.append(logits)
   return jnp.concatenate(out, axis=1), cache
 
