@@ -80,9 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
       "d_model"]), max_seq_len=args.context, dtype="float32" if args.quick else "bfloat16",
       **shape)
   r = bench(cfg, args.context, args.chunk, args.batch, args.repeats, args.profile)
-  r.update(context=args.context, chunk=args.chunk, batch=args.batch,
-           model=f"4 layers, d_model {cfg.d_model}, 16 heads, 4 KV heads, {cfg.dtype}")
-  path = write_results("prefill" + ("_quick" if args.quick else ""), r, args.out)
+  r.update(context=args.context, chunk=args.chunk, batch=args.batch)
+  path = write_results("prefill" + ("_quick" if args.quick else ""), {
+      "model": f"4 layers, d_model {cfg.d_model}, 16 heads, 4 KV heads, {cfg.dtype}",
+      "rows": [r]}, args.out)
   print(f"\n{'context':>8} {'chunk':>6} {'one-shot ms':>12} {'chunked ms':>11} {'ratio':>6}")
   print(f"{args.context:8d} {args.chunk:6d} {r['one_shot_ms']:12.2f} {r['chunked_ms']:11.2f} "
         f"{r['ratio']:6.2f}")

@@ -9,7 +9,8 @@ eviction policy, s2attn.cache) against the dense cache for the base model (12 la
 4 KV heads, head dim 64, bf16) at 8K, 32K and 128K tokens, per pattern variant (stride 8 / 16,
 per-query-head patterns whose KV head keeps its group's union, per-KV-head patterns, an MHA
 model, hybrids with one dense layer in four), plus a real allocation and compression at 8K.
-`train` and `decode` write results/s2_bench_<backend>.json: median train step (forward,
+`all` writes results/s2_bench_<backend>.json (`train` or `decode` alone: s2_train_*.json,
+s2_decode_*.json): median train step (forward,
 backward, AdamW) of the dense, all-S2 and hybrid (one dense layer in four) stacks, and decode
 tokens/s (batch --batch, default 8) of the dense model with the full cache against S2 models
 (per-query-head and per-KV-head patterns) with S2's eviction policy, after a prefill of --seq
@@ -266,7 +267,10 @@ def main(argv=None):
             f"{d['decode_tokens_per_s']:9,.0f} {pct(d.get('roofline_fraction')):>8} "
             f"{d.get('speedup_vs_dense', 1.0):8.2f} {d.get('ideal_speedup', 1.0):6.2f} "
             f"{pct(d.get('speedup_over_ideal', 1.0)):>8}")
-  p = write_results("s2_bench" + ("_quick" if q else ""), payload, args.out)
+  # `all` writes both parts to s2_bench; one part alone gets its own file (s2_train, s2_decode),
+  # so a decode run does not replace the train results.
+  name = {"all": "s2_bench", "train": "s2_train", "decode": "s2_decode"}[args.what]
+  p = write_results(name + ("_quick" if q else ""), payload, args.out)
   print(f"wrote {p}")
 
 

@@ -124,7 +124,8 @@ SPECS: dict[str, TableSpec] = {
                  ("MFU", "mfu", _pct)),
         note=_train_note),
     "decode": TableSpec(
-        columns=(("preset", "preset", _plain), ("params", "params", _count),
+        columns=(("preset", "preset", _plain), ("decode attention", "decode_attn", _plain),
+                 ("params", "params", _count),
                  ("batch", "batch", _plain), ("prompt", "prompt", _plain),
                  ("new tokens", "new_tokens", _plain), ("step ms", "step_ms", _ms),
                  ("roofline ms", "roofline_step_ms", _ms), ("tokens/s", "tokens_per_s", _rate),
@@ -170,6 +171,28 @@ SPECS: dict[str, TableSpec] = {
                  ("cache smaller by", "cache_ratio_vs_dense", _x),
                  ("speed-up vs dense", "speedup_vs_dense", _x)),
         note=_s2_bench_note),
+    "s2_decode": TableSpec(
+        columns=(("stack", "variant", _plain), ("batch", "batch", _plain),
+                 ("context", "context", _plain), ("ms/token", "decode_ms_per_token", _ms),
+                 ("tokens/s", "decode_tokens_per_s", _rate),
+                 ("% of roofline", "roofline_fraction", _pct),
+                 ("cache MiB", "cache_bytes", _mib),
+                 ("speed-up vs dense", "speedup_vs_dense", _x),
+                 ("ideal (bytes ratio)", "ideal_speedup", _x),
+                 ("of ideal", "speedup_over_ideal", _pct)),
+        note=lambda p: (f"{_s2_bench_note(p).replace('batch 1, ', '')} Greedy decoding of "
+                        f"{next(iter(p['decode'].values()))['new_tokens']} tokens in kvcache's "
+                        f"one decode loop; S2 stacks with S2's eviction policy. Ideal: the ratio "
+                        f"of bytes read per token (weights + K/V, positions held). Roofline at "
+                        f"{p.get('copy_bandwidth_GBps', 0):,.0f} GB/s measured copy bandwidth.")),
+    "prefill": TableSpec(
+        columns=(("context", "context", _plain), ("chunk", "chunk", _plain),
+                 ("batch", "batch", _plain), ("one-shot ms", "one_shot_ms", _ms),
+                 ("chunked ms", "chunked_ms", _ms), ("chunked / one-shot", "ratio", _x),
+                 ("max logit diff", "max_logit_diff", lambda v: f"{v:.3g}")),
+        note=lambda p: f"{p.get('model')}. One-shot: each layer's attention function over the "
+                       f"prompt (cuDNN); chunked: the first chunk so, then each chunk onto the "
+                       f"cache (Pallas prefill kernel over stored positions)."),
     "s2_experiments": TableSpec(
         columns=(("config", "config", _plain), ("val loss", "val_loss", _plain),
                  ("vs dense", "val_loss_vs_dense", _signed_pct),
