@@ -37,7 +37,7 @@ from pallas_kernels.block_sparse import (
     _pltriton,
     default_interpret,
 )
-from pallas_kernels.merge import merge_partials
+from pallas_kernels.merge import masked_softmax, merge_partials
 
 BLOCK_SIZES = (64, 32, 16)  # slot blocks tried by pick_block_size, largest first
 MIN_ROWS = 16  # Triton dots need M >= 16: the G query rows are padded up to this
@@ -261,11 +261,6 @@ def cache_decode_attention_reference(q, k, v, pos, q_pos, mask=None, *,
   kf, vf = (jnp.where(live[..., None], x.astype(jnp.float32), 0.0) for x in (k, v))
   hi = lax.Precision.HIGHEST
   s = jnp.einsum("bkge,bkne->bkgn", q.astype(jnp.float32), kf, precision=hi) * sm_scale
-  s = jnp.where(valid, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(valid, jnp.exp(s - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bkgn,bkne->bkge", p / jnp.where(l == 0, 1.0, l), vf, precision=hi)
-  lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))[..., 0]
+  p, lse = masked_softmax(s, valid)
+  o = jnp.einsum("bkgn,bkne->bkge", p, vf, precision=hi)
   return o.astype(q.dtype), lse

@@ -60,3 +60,16 @@ def merge_attention_reference(out_a, lse_a, out_b, lse_b):
   out = jnp.where(jnp.isfinite(lse)[..., None], wa * out_a + wb * out_b, 0.0)
   return out.astype(jnp.float32), lse
 
+
+
+def masked_softmax(s, valid):
+  """The references' softmax: (p, lse) of float32 scores s [..., N] under bool valid (broadcast
+  to s): p normalised over the valid entries (0 elsewhere; all 0 in a row with none), lse [...]
+  the natural log-sum-exp (-inf in such a row)."""
+  s = jnp.where(valid, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(valid, jnp.exp(s - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))[..., 0]
+  return p / jnp.where(l == 0, 1.0, l), lse

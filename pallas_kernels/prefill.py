@@ -42,6 +42,7 @@ from pallas_kernels.block_sparse import (
     _pltriton,
     default_interpret,
 )
+from pallas_kernels.merge import masked_softmax
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -255,12 +256,6 @@ def cache_prefill_attention_reference(q, k, v, pos, q_pos, *, sm_scale: float | 
   kf, vf = (jnp.where(live, x.astype(jnp.float32), 0.0) for x in (k, v))
   hi = lax.Precision.HIGHEST
   s = jnp.einsum("bkgte,bkne->bkgtn", q.astype(jnp.float32), kf, precision=hi) * sm_scale
-  valid = valid[:, :, None]  # [B, K, 1, T, N]
-  s = jnp.where(valid, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(valid, jnp.exp(s - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bkgtn,bkne->bkgte", p / jnp.where(l == 0, 1.0, l), vf, precision=hi)
-  lse = jnp.where(l == 0, -jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))[..., 0]
+  p, lse = masked_softmax(s, valid[:, :, None])  # valid [B, K, 1, T, N]
+  o = jnp.einsum("bkgtn,bkne->bkgte", p, vf, precision=hi)
   return o.astype(q.dtype), lse

@@ -18,15 +18,6 @@ from pallas_kernels import (
 from pallas_kernels.layouts import layout_block_lists
 
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
-# Interpret-mode kernels compile to large CPU programs; LLVM's optimisations only cost time here.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _compiled(fn, *args):
-  """jit(fn)(*args), compiled cheaply on CPU."""
-  lowered = jax.jit(fn).lower(*args)
-  opts = FAST_COMPILE if jax.default_backend() == "cpu" else {}
-  return lowered.compile(compiler_options=opts)(*args)
 
 
 def _rel(a, b) -> float:
@@ -71,7 +62,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("B,T,H,K,E,bs,lh,causal,dtype", CASES)
-def test_forward_and_grads_match_reference(B, T, H, K, E, bs, lh, causal, dtype):
+def test_forward_and_grads_match_reference(B, T, H, K, E, bs, lh, causal, dtype, compiled):
   seed = int(np.random.SeedSequence().entropy % 2**32)
   rng = np.random.default_rng(seed)
   n = -(-T // bs)
@@ -84,7 +75,7 @@ def test_forward_and_grads_match_reference(B, T, H, K, E, bs, lh, causal, dtype)
                                                 return_lse=True)
   ref = lambda q, k, v: block_sparse_attention_reference(q, k, v, layout, block_size=bs,
                                                          causal=causal, return_lse=True)
-  got = _compiled(lambda *a: _fwd_bwd(kern, *a, lse_weight), q, k, v, do)
+  got = compiled(lambda *a: _fwd_bwd(kern, *a, lse_weight), q, k, v, do)
   f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
   want = jax.jit(lambda *a: _fwd_bwd(ref, *a, lse_weight))(*f32)
 
@@ -105,13 +96,13 @@ def test_forward_and_grads_match_reference(B, T, H, K, E, bs, lh, causal, dtype)
   assert np.all(np.asarray(got[0], np.float32)[empty] == 0.0), msg
 
 
-def test_traced_layout_under_jit_matches_numpy_layout():
+def test_traced_layout_under_jit_matches_numpy_layout(compiled):
   seed = int(np.random.SeedSequence().entropy % 2**32)
   rng = np.random.default_rng(seed)
   B, T, H, K, E, bs = 1, 64, 2, 1, 64, 16
   layout = _random_layout(rng, H, T // bs, density=0.6, empty_row=False)
   q, k, v, _ = _inputs(rng, B, T, H, K, E, jnp.float32)
-  traced = _compiled(lambda q, k, v, lay: block_sparse_attention(q, k, v, lay, block_size=bs),
+  traced = compiled(lambda q, k, v, lay: block_sparse_attention(q, k, v, lay, block_size=bs),
                      q, k, v, jnp.asarray(layout))
   want = block_sparse_attention_reference(q, k, v, layout, block_size=bs)
   assert _rel(traced, want) < 1e-4, f"seed={seed}"

@@ -1,6 +1,5 @@
 """KV-cache decode attention (interpret mode on CPU) against an independent float64 numpy loop."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,19 +10,6 @@ from pallas_kernels import (
     pick_block_size,
     supports,
 )
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _seed() -> int:
-  seed = int(np.random.SeedSequence().entropy % 2**32)
-  print(f"seed={seed}")
-  return seed
-
-
-def _compiled(fn, *args):
-  opts = FAST_COMPILE if jax.default_backend() == "cpu" else {}
-  return jax.jit(fn).lower(*args).compile(compiler_options=opts)(*args)
 
 
 def _inputs(rng, B, K, G, N, E, dtype, with_mask, nan_empty=False):
@@ -95,26 +81,26 @@ def _check(o, lse, want_o, want_lse, dtype, shape):
     (8, 256, 16, jnp.bfloat16, False, 4),
     (1, 48, 32, jnp.bfloat16, True, 5),  # blocks of 16; splits clipped to the 3 blocks
 ])
-def test_decode_matches_numpy(G, N, E, dtype, with_mask, num_splits):
-  rng = np.random.default_rng(_seed())
+def test_decode_matches_numpy(G, N, E, dtype, with_mask, num_splits, seed, compiled):
+  rng = np.random.default_rng(seed)
   B, K = 3, 2
   args = _inputs(rng, B, K, G, N, E, dtype, with_mask, nan_empty=G == 4)
   run = lambda *a: cache_decode_attention(*a, num_splits=num_splits)
-  o, lse = _compiled(run, *args)
+  o, lse = compiled(run, *args)
   want_o, want_lse = _numpy_attention(*args)
   assert np.isinf(want_lse[B - 1, K - 1]).all()  # the empty KV head
   _check(o, lse, want_o, want_lse, dtype, (B, K, G, E))
 
 
-def test_decode_slot_order_and_scale():
+def test_decode_slot_order_and_scale(seed, compiled):
   """Permuting the slots changes nothing; sm_scale is applied to the logits."""
-  rng = np.random.default_rng(_seed())
+  rng = np.random.default_rng(seed)
   B, K, G, N, E = 2, 2, 4, 64, 16
   q, k, v, pos, q_pos, mask = _inputs(rng, B, K, G, N, E, jnp.float32, True)
   perm = rng.permutation(N)
   run = lambda *a: cache_decode_attention(*a, sm_scale=0.3, num_splits=2)
-  o, lse = _compiled(run, q, k, v, pos, q_pos, mask)
-  po, plse = _compiled(run, q, k[:, :, perm], v[:, :, perm], pos[:, :, perm], q_pos,
+  o, lse = compiled(run, q, k, v, pos, q_pos, mask)
+  po, plse = compiled(run, q, k[:, :, perm], v[:, :, perm], pos[:, :, perm], q_pos,
                        mask[..., perm])
   want_o, want_lse = _numpy_attention(q, k, v, pos, q_pos, mask, sm_scale=0.3)
   _check(o, lse, want_o, want_lse, jnp.float32, (B, K, G, E))
@@ -123,16 +109,16 @@ def test_decode_slot_order_and_scale():
 
 
 @pytest.mark.parametrize("dtype,with_mask", [(jnp.float32, True), (jnp.bfloat16, False)])
-def test_reference_matches_numpy(dtype, with_mask):
-  rng = np.random.default_rng(_seed())
+def test_reference_matches_numpy(dtype, with_mask, seed):
+  rng = np.random.default_rng(seed)
   args = _inputs(rng, 3, 2, 4, 40, 24, dtype, with_mask, nan_empty=True)  # any N, E
   o, lse = cache_decode_attention_reference(*args)
   _check(o, lse, *_numpy_attention(*args), dtype, (3, 2, 4, 24))
 
 
-def test_all_invalid_everywhere():
+def test_all_invalid_everywhere(seed):
   """A query before every cached token: o = 0 and lse = -inf, no NaN."""
-  seed = _seed()
+  seed = seed
   rng = np.random.default_rng(seed)
   q, k, v, pos, _, _ = _inputs(rng, 2, 1, 4, 64, 16, jnp.float32, False)
   o, lse = cache_decode_attention(q, k, v, jnp.maximum(pos, 1), jnp.zeros((2,), jnp.int32))
@@ -180,8 +166,8 @@ def test_decode_bad_input_raises(kwargs, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,with_mask", [(jnp.bfloat16, True), (jnp.bfloat16, False),
                                              (jnp.float32, True)])
-def test_decode_compiled_gpu(dtype, with_mask):
-  rng = np.random.default_rng(_seed())
+def test_decode_compiled_gpu(dtype, with_mask, seed):
+  rng = np.random.default_rng(seed)
   B, K, G, N, E = 2, 4, 8, 4096, 128
   args = _inputs(rng, B, K, G, N, E, dtype, with_mask, nan_empty=True)
   o, lse = cache_decode_attention(*args, interpret=False)

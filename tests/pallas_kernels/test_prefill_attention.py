@@ -15,20 +15,6 @@ from pallas_kernels.prefill import (
     supports,
 )
 
-# Interpret-mode kernels compile to large CPU programs; LLVM's optimisations only cost time here.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _seed() -> int:
-  seed = int(np.random.SeedSequence().entropy % 2**32)
-  print(f"seed={seed}")
-  return seed
-
-
-def _compiled(fn, *args):
-  opts = FAST_COMPILE if jax.default_backend() == "cpu" else {}
-  return jax.jit(fn).lower(*args).compile(compiler_options=opts)(*args)
-
 
 def _inputs(rng, B, K, G, T, N, E, dtype, layout, nan_empty=False):
   """A random cache and chunk.
@@ -109,22 +95,22 @@ def _check(o, lse, want_o, want_lse, dtype, shape):
     (4, 45, 256, 32, jnp.bfloat16, "common", 32, 16),
     (4, 1, 64, 16, jnp.float32, "random", 64, 16),  # one query: block_q clipped to 16
 ])
-def test_prefill_matches_numpy(G, T, N, E, dtype, layout, block_q, block_k):
-  rng = np.random.default_rng(_seed())
+def test_prefill_matches_numpy(G, T, N, E, dtype, layout, block_q, block_k, seed, compiled):
+  rng = np.random.default_rng(seed)
   B, K = 2, 2
   args = _inputs(rng, B, K, G, T, N, E, dtype, layout, nan_empty=G == 4)
   run = lambda *a: cache_prefill_attention(*a, block_q=block_q, block_k=block_k)
-  o, lse = _compiled(run, *args)
+  o, lse = compiled(run, *args)
   want_o, want_lse = _numpy_attention(*args)
   if layout == "random":  # the empty KV head and sequence 0's early rows see nothing
     assert np.isinf(want_lse[B - 1, K - 1]).all() and np.isinf(want_lse[0, :, :, 0]).all()
   _check(o, lse, want_o, want_lse, dtype, (B, K, G, T, E))
 
 
-def test_reference_and_slot_attention_match_numpy():
+def test_reference_and_slot_attention_match_numpy(seed):
   """The jnp reference, and the slot_attention this kernel replaces, keep the same contract."""
   from kvcache.attention import slot_attention
-  rng = np.random.default_rng(_seed())
+  rng = np.random.default_rng(seed)
   args = _inputs(rng, 2, 2, 4, 9, 40, 24, jnp.float32, "random")  # any N, E
   want = _numpy_attention(*args, sm_scale=0.3)
   _check(*cache_prefill_attention_reference(*args, sm_scale=0.3), *want, jnp.float32,
@@ -133,12 +119,12 @@ def test_reference_and_slot_attention_match_numpy():
   _check(o, lse, *want, jnp.float32, (2, 2, 4, 9, 24))
 
 
-def test_sm_scale_and_all_invalid():
+def test_sm_scale_and_all_invalid(seed, compiled):
   """sm_scale scales the logits; queries before every stored token get o = 0, lse = -inf."""
-  rng = np.random.default_rng(_seed())
+  rng = np.random.default_rng(seed)
   q, k, v, pos, q_pos = _inputs(rng, 1, 2, 2, 24, 64, 16, jnp.float32, "random")
   run = lambda *a: cache_prefill_attention(*a, sm_scale=0.3, block_q=16, block_k=16)
-  o, lse = _compiled(run, q, k, v, pos, q_pos + 40)
+  o, lse = compiled(run, q, k, v, pos, q_pos + 40)
   _check(o, lse, *_numpy_attention(q, k, v, pos, q_pos + 40, sm_scale=0.3), jnp.float32,
          q.shape)
   o, lse = cache_prefill_attention(q, k, v, jnp.maximum(pos, 100), q_pos, block_q=16,
@@ -218,8 +204,8 @@ def test_lowers_through_triton(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,layout", [(jnp.bfloat16, "common"), (jnp.bfloat16, "random"),
                                           (jnp.float32, "common")])
-def test_prefill_compiled_gpu(dtype, layout):
-  rng = np.random.default_rng(_seed())
+def test_prefill_compiled_gpu(dtype, layout, seed):
+  rng = np.random.default_rng(seed)
   B, K, G, T, N, E = 2, 4, 4, 300, 4096, 128  # T not a multiple of the 64-row blocks
   args = _inputs(rng, B, K, G, T, N, E, dtype, layout, nan_empty=True)
   o, lse = cache_prefill_attention(*args, interpret=False)
