@@ -3,11 +3,14 @@
 `generate(model, prompts, max_new_tokens=32)`; `prefill` / `decode_step` / `decode_loop` take
 (graphdef, params) from `nnx.split(model)` and a `KVCache` (per layer, head groups of K, V
 [B, Kg, N, E] and stored positions [B, Kg, N]; lengths [B]). Budgets are per layer and per KV
-head (`init_cache(..., budgets=...)`); compression methods are `Compression` policies.
+head (`init_cache(..., budgets=...)`); compression methods are `Compression` policies. The
+paged pool (`PagePool`, `PagedKV`), the radix tree over it (`RadixTree`) and `generate_shared`
+share prompt prefixes across sequences.
 """
 
 from kvcache.attention import (
   register_decode_attention,
+  shared_prefix_attention,
   slot_attention,
 )
 from kvcache.cache import (
@@ -29,9 +32,14 @@ from kvcache.decode import (
   prefill,
   prefill_chunked,
 )
+from kvcache.paged import PagedLayerCache, generate_shared, paged_decode_step, paged_prefill
+from kvcache.pool import OutOfPages, PagedKV, PagePool, copy_pages, init_paged_kv
+from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
 
-__all__ = ["Compression", "HeadGroup", "KVCache", "LayerCache", "SamplingConfig", "apply_policy",
-           "decode_loop", "decode_step", "free_slots", "generate", "init_cache", "map_positions",
-           "prefill", "prefill_chunked", "register_decode_attention", "repack", "sample",
-           "slot_attention", "truncate"]
+__all__ = ["Compression", "HeadGroup", "KVCache", "LayerCache", "OutOfPages", "PagePool",
+           "PagedKV", "PagedLayerCache", "RadixTree", "SamplingConfig", "apply_policy",
+           "copy_pages", "decode_loop", "decode_step", "free_slots", "generate",
+           "generate_shared", "init_cache", "init_paged_kv", "map_positions", "paged_decode_step",
+           "paged_prefill", "prefill", "prefill_chunked", "register_decode_attention", "repack",
+           "sample", "shared_prefix_attention", "slot_attention", "truncate"]
