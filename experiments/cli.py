@@ -21,6 +21,7 @@ BENCHMARKS = {
     "train": "experiments.bench_train",
     "decode": "experiments.bench_decode",
     "prefill": "experiments.bench_prefill",
+    "paged": "experiments.bench_paged",
     "attention": "experiments.bench_attention",
     "colm": "experiments.bench_colm",
     "s2": "experiments.bench_s2",
