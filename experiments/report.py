@@ -193,6 +193,14 @@ SPECS: dict[str, TableSpec] = {
         note=lambda p: f"{p.get('model')}. One-shot: each layer's attention function over the "
                        f"prompt (cuDNN); chunked: the first chunk so, then each chunk onto the "
                        f"cache (Pallas prefill kernel over stored positions)."),
+    "paged_memory": TableSpec(
+        columns=(("groups", "groups", _plain), ("prompts per group", "per_group", _plain),
+                 ("prefix", "prefix", _plain), ("suffix", "suffix", _plain),
+                 ("page size", "page_size", _plain), ("pages held", "pages_held", _plain),
+                 ("tree optimum", "tree_optimum_pages", _plain),
+                 ("over optimum", "over_optimum", _signed_pct),
+                 ("pages without sharing", "pages_without_sharing", _plain),
+                 ("saving", "saving_vs_unshared", _x))),
     "s2_experiments": TableSpec(
         columns=(("config", "config", _plain), ("val loss", "val_loss", _plain),
                  ("vs dense", "val_loss_vs_dense", _signed_pct),
