@@ -34,7 +34,7 @@ class PagedLayerCache:
   """One layer's pages seen through the batch's page tables.
 
   Attributes:
-    k, v: [P, K, S, E] the layer's pages.
+    k, v: [K, P, S, E] the layer's pages.
     tables: int32 [B, W] page of each logical block (entries past a sequence's pages unused).
     group_size: G query heads per KV head (static); decode_attn: the seam's name (static).
   """
@@ -51,20 +51,33 @@ class PagedLayerCache:
     s = self.k.shape[2]
     page = jnp.take_along_axis(self.tables, positions // s, axis=1)  # [B, T]
     if valid is not None:
-      page = jnp.where(valid, page, self.k.shape[0])  # past the pool: dropped
-    idx = (page[:, :, None], jnp.arange(k_new.shape[2])[None, None, :], (positions % s)[:, :, None])
+      page = jnp.where(valid, page, self.k.shape[1])  # past the pool: dropped
+    idx = (jnp.arange(k_new.shape[2])[None, None, :], page[:, :, None], (positions % s)[:, :, None])
     return dataclasses.replace(
         self, k=self.k.at[idx].set(k_new.astype(self.k.dtype), mode="drop"),
         v=self.v.at[idx].set(v_new.astype(self.v.dtype), mode="drop"))
 
   def attend(self, q, positions, **kw):
-    """LayerCache.attend over the gathered pages: slot n of sequence b holds position n."""
+    """Decode on GPU (or with decode_attn='pallas'): the paged kernel reads each sequence's
+    pages in place. Otherwise LayerCache.attend over the gathered pages (slot n of sequence b
+    holds position n): prefill, the jnp reference, probabilities, token masks."""
     b, w = self.tables.shape
-    p, kh, s, e = self.k.shape
-    view = lambda x: x[self.tables].transpose(0, 2, 1, 3, 4).reshape(b, kh, w * s, e)
+    kh, p, s, e = self.k.shape
+    t, h = q.shape[1], q.shape[2]
+    plain = not (kw.get("token_mask") or kw.get("fresh") or kw.get("return_probs"))
+    kernel = self.decode_attn == "pallas" or (self.decode_attn == "auto"
+                                              and jax.default_backend() == "gpu")
+    if t == 1 and plain and kernel and s >= 16 and e >= 16 and not e & (e - 1) and \
+        h == kh * self.group_size:
+      from pallas_kernels.decode import paged_decode_attention
+      qg = q[:, 0].reshape(b, kh, self.group_size, e)
+      o, _ = paged_decode_attention(qg, self.k, self.v, self.tables, positions[:, 0])
+      return o.reshape(b, 1, h, e), None
+    view = lambda x: x[:, self.tables].transpose(1, 0, 2, 3, 4).reshape(b, kh, w * s, e)
     pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
+    # 'pallas' here meant the paged kernel; the gathered view takes whatever applies.
     flat = LayerCache((HeadGroup(view(self.k), view(self.v), pos),), self.group_size,
-                      self.decode_attn)
+                      "auto" if self.decode_attn == "pallas" else self.decode_attn)
     return flat.attend(q, positions, **kw)
 
 

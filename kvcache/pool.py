@@ -3,7 +3,7 @@
 Axes: L layers, P pages in the pool, S page size (tokens, a power of two), K KV heads, E head
 dim, W page-table width.
 
-The device arrays (`PagedKV`: per layer K and V [P, K, S, E]) pass through jit steps donated;
+The device arrays (`PagedKV`: per layer K and V [K, P, S, E]) pass through jit steps donated;
 which page holds what is host-side bookkeeping (`PagePool`): a free list, a reference count per
 page, and a page table per sequence (its pages in logical order, so logical block i of a
 sequence is physical page table[i] and token t sits at (table[t // S], t % S)). A page is freed
@@ -33,7 +33,8 @@ class OutOfPages(RuntimeError):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PagedKV:
-  """Device pages of every layer. k, v: per layer [P, K, S, E] (keys after RoPE)."""
+  """Device pages of every layer. k, v: per layer [K, P, S, E] (keys after RoPE; per KV head the
+  pages are contiguous, so a kernel reads page p of head k at rows p * S .. p * S + S - 1)."""
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -42,15 +43,19 @@ class PagedKV:
   def page_size(self) -> int:
     return self.k[0].shape[2]
 
+  @property
+  def num_pages(self) -> int:
+    return self.k[0].shape[1]
+
   def nbytes(self) -> int:
     return sum(x.nbytes for x in self.k + self.v)
 
 
 def init_paged_kv(cfg: ModelConfig, num_pages: int, page_size: int = 16,
                   dtype: str | None = None) -> PagedKV:
-  """Zeroed pages: per layer K and V [num_pages, n_kv_heads, page_size, head_dim]."""
+  """Zeroed pages: per layer K and V [n_kv_heads, num_pages, page_size, head_dim]."""
   dt = resolve_dtype(dtype or cfg.dtype)
-  shape = (num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
+  shape = (cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
   return PagedKV(tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)),
                  tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)))
 
@@ -58,8 +63,8 @@ def init_paged_kv(cfg: ModelConfig, num_pages: int, page_size: int = 16,
 @functools.partial(jax.jit, donate_argnames=("kv",))
 def copy_pages(kv: PagedKV, src: jax.Array, dst: jax.Array) -> PagedKV:
   """Copies pages src [n] to dst [n] in every layer (the copy-on-write of fork / extend)."""
-  return PagedKV(tuple(k.at[dst].set(k[src]) for k in kv.k),
-                 tuple(v.at[dst].set(v[src]) for v in kv.v))
+  return PagedKV(tuple(k.at[:, dst].set(k[:, src]) for k in kv.k),
+                 tuple(v.at[:, dst].set(v[:, src]) for v in kv.v))
 
 
 class PagePool:

@@ -72,12 +72,15 @@ def _load_rows(ref, start, bs: int, live):
 
 
 def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: int,
-                   per_split: int, n_blocks: int, qk_scale: float, has_mask: bool):
+                   per_split: int, n_blocks: int, qk_scale: float, has_mask: bool,
+                   paged: bool = False):
   """One (sequence, KV head, split): partial attention of its Gp query rows over slot blocks
   [p * per_split, min((p + 1) * per_split, n)).
 
-  q_pos_ref [1] int32, pos_ref [N] int32, q_ref [Gp, E] (cache dtype), k_ref / v_ref [N, E],
-  mask_ref [Gp, N] int8 (if has_mask), o_ref [Gp, E] float32, lse_ref [Gp] float32 (natural).
+  q_pos_ref [1] int32, pos_ref [N] int32 (paged: the page table [W] int32: logical block j is
+  physical page pos_ref[j], its slots hold positions j * bs .. j * bs + bs - 1), q_ref [Gp, E]
+  (cache dtype), k_ref / v_ref [N, E] (paged: [num_pages * bs, E]), mask_ref [Gp, N] int8 (if
+  has_mask), o_ref [Gp, E] float32, lse_ref [Gp] float32 (natural).
   """
   mask_ref, o_ref, lse_ref = refs if has_mask else (None, *refs)
   bs = block_size
@@ -86,16 +89,22 @@ def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: i
   rows = q.shape[0]
   first = pl.program_id(2) * per_split
   last = jnp.minimum(first + per_split, n_blocks)
+  if paged:  # blocks past the query's own are never read
+    last = jnp.minimum(last, q_pos // bs + 1)
 
   def body(j, carry):
     acc, m_prev, l_prev = carry  # [Gp, E], [Gp], [Gp]
-    start = pl.multiple_of(j * bs, bs)
-    pos = pos_ref[pl.ds(start, bs)]  # [bs]
+    if paged:
+      start = pl.multiple_of(pos_ref[j] * bs, bs)
+      pos = j * bs + lax.broadcasted_iota(jnp.int32, (bs,), 0)
+    else:
+      start = pl.multiple_of(j * bs, bs)
+      pos = pos_ref[pl.ds(start, bs)]  # [bs]
     live = (pos >= 0) & (pos <= q_pos)  # [bs]: slot holds a token at or before the query
     if mask_ref is None:
       valid = jnp.broadcast_to(live[None, :], (rows, bs))
     else:
-      allowed = mask_ref[:, pl.ds(start, bs)].astype(jnp.int32)  # [Gp, bs]
+      allowed = mask_ref[:, pl.ds(j * bs, bs)].astype(jnp.int32)  # [Gp, bs]
       valid = live[None, :] & (allowed != 0)
       live = live & (jnp.max(allowed, axis=0) != 0)  # some head of the group may attend it
     k = _load_rows(k_ref, start, bs, live)  # [bs, E]
@@ -109,7 +118,7 @@ def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: i
 
   init = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
-  acc, m, l = lax.fori_loop(first, last, body, init)
+  acc, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, init)
   empty = l == 0.0
   o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
   lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
@@ -118,31 +127,36 @@ def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: i
 @functools.partial(jax.jit, static_argnames=("block_size", "num_splits", "sm_scale",
                                              "num_warps", "num_stages", "interpret", "debug"))
 def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_warps,
-            num_stages, interpret, debug):
-  """Pads the query rows (and mask) to Gp, runs the kernel and merges the splits."""
+            num_stages, interpret, debug, tables=None):
+  """Pads the query rows (and mask) to Gp, runs the kernel and merges the splits. With tables
+  [B, W] (paged), k / v are [K, num_pages * bs, E] and pos is unused."""
   B, K, G, E = q.shape
-  N = k.shape[2]
+  paged = tables is not None
+  N = k.shape[1] if paged else k.shape[2]
   Gp = max(MIN_ROWS, pl.next_power_of_2(G))
-  n_blocks = N // block_size
+  n_blocks = tables.shape[1] if paged else N // block_size
   per_split = -(-n_blocks // num_splits)
   qp = jnp.pad(q.astype(k.dtype), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))  # [B, K, Gp, E]
-  args = [q_pos.astype(jnp.int32)[:, None], pos.astype(jnp.int32), qp, k, v]
-  in_specs = [
-      pl.BlockSpec((None, 1), lambda b, h, p: (b, 0)),
-      pl.BlockSpec((None, None, N), lambda b, h, p: (b, h, 0)),
-      pl.BlockSpec((None, None, Gp, E), lambda b, h, p: (b, h, 0, 0)),
-      pl.BlockSpec((None, None, N, E), lambda b, h, p: (b, h, 0, 0)),
-      pl.BlockSpec((None, None, N, E), lambda b, h, p: (b, h, 0, 0)),
-  ]
+  if paged:
+    index = (tables.astype(jnp.int32), pl.BlockSpec((None, n_blocks), lambda b, h, p: (b, 0)))
+    kv_spec = pl.BlockSpec((None, N, E), lambda b, h, p: (h, 0, 0))
+  else:
+    index = (pos.astype(jnp.int32), pl.BlockSpec((None, None, N), lambda b, h, p: (b, h, 0)))
+    kv_spec = pl.BlockSpec((None, None, N, E), lambda b, h, p: (b, h, 0, 0))
+  args = [q_pos.astype(jnp.int32)[:, None], index[0], qp, k, v]
+  in_specs = [pl.BlockSpec((None, 1), lambda b, h, p: (b, 0)), index[1],
+              pl.BlockSpec((None, None, Gp, E), lambda b, h, p: (b, h, 0, 0)), kv_spec, kv_spec]
   if mask is not None:
     args.append(jnp.pad(mask.astype(jnp.int8), ((0, 0), (0, 0), (0, Gp - G), (0, 0))))
-    in_specs.append(pl.BlockSpec((None, None, Gp, N), lambda b, h, p: (b, h, 0, 0)))
+    in_specs.append(pl.BlockSpec((None, None, Gp, mask.shape[-1]),
+                                 lambda b, h, p: (b, h, 0, 0)))
   params = None
   if _pltriton is not None:
     params = _pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   o, lse = pl.pallas_call(
       functools.partial(_decode_kernel, block_size=block_size, per_split=per_split,
-                        n_blocks=n_blocks, qk_scale=sm_scale * LOG2E, has_mask=mask is not None),
+                        n_blocks=n_blocks, qk_scale=sm_scale * LOG2E, has_mask=mask is not None,
+                        paged=paged),
       grid=(B, K, num_splits),
       in_specs=in_specs,
       out_specs=[
@@ -154,7 +168,7 @@ def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_
       compiler_params=params,
       interpret=interpret,
       debug=debug,
-      name="cache_decode_attention",
+      name="paged_decode_attention" if paged else "cache_decode_attention",
   )(*args)
   if num_splits == 1:
     o, lse = o[:, :, 0], lse[:, :, 0]
@@ -264,3 +278,47 @@ def cache_decode_attention_reference(q, k, v, pos, q_pos, mask=None, *,
   p, lse = masked_softmax(s, valid)
   o = jnp.einsum("bkgn,bkne->bkge", p, vf, precision=hi)
   return o.astype(q.dtype), lse
+
+
+def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: float | None = None,
+                           num_splits: int | None = None, num_warps: int = 4,
+                           num_stages: int = 2, interpret: bool | None = None,
+                           debug: bool = False):
+  """Decode attention read through page tables (logical block != physical page).
+
+  Args:
+    q: [B, K, G, E] one query per sequence, grouped by KV head.
+    k_pages, v_pages: [K, P, S, E] the pool's pages (S tokens each, a power of two >= 16).
+    tables: int [B, W] page of each logical block of each sequence; token t of sequence b is at
+      (tables[b, t // S], t % S) and its position is t. Entries past a sequence's last block are
+      never read.
+    q_pos: int [B] the query's position: tokens 0 .. q_pos[b] are attended.
+  Returns:
+    (o [B, K, G, E] in q's dtype, lse [B, K, G] float32), as cache_decode_attention.
+  """
+  if getattr(k_pages, "ndim", None) != 4 or k_pages.shape != v_pages.shape:
+    raise ValueError(f"k_pages and v_pages must be [K, P, S, E] alike, got "
+                     f"{getattr(k_pages, 'shape', None)} and {getattr(v_pages, 'shape', None)}")
+  K, P, S, E = k_pages.shape
+  if getattr(q, "ndim", None) != 4 or q.shape[1] != K or q.shape[3] != E:
+    raise ValueError(f"q must be [B, K={K}, G, E={E}], got {getattr(q, 'shape', None)}")
+  B = q.shape[0]
+  if getattr(tables, "ndim", None) != 2 or tables.shape[0] != B or not jnp.issubdtype(
+      tables.dtype, jnp.integer):
+    raise ValueError(f"tables must be an int [B={B}, W] array, got "
+                     f"{getattr(tables, 'shape', None)}")
+  if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
+    raise ValueError(f"q_pos must be an int [B={B}] array, got {getattr(q_pos, 'shape', None)}")
+  S = layouts.check_block_size(S, "page size")
+  if E < 16 or not layouts.is_power_of_two(E):
+    raise ValueError(f"head_dim E={E} must be a power of two >= 16 for the kernel")
+  W = tables.shape[1]
+  if num_splits is None:
+    num_splits = _default_splits(B, K, W)
+  num_splits = max(1, min(int(num_splits), W))
+  return _decode(q, k_pages.reshape(K, P * S, E), v_pages.reshape(K, P * S, E), None, q_pos,
+                 None, block_size=S, num_splits=num_splits,
+                 sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
+                 num_warps=num_warps, num_stages=num_stages,
+                 interpret=default_interpret() if interpret is None else bool(interpret),
+                 debug=debug, tables=tables)

@@ -45,3 +45,13 @@ def test_bucketed_decode_steps_do_not_recompile(model):
   size = paged_decode_step._cache_size()
   generate_shared(model, _prompts(6, 2)[:4], max_new_tokens=3, page_size=4, num_pages=64)
   assert paged_decode_step._cache_size() == size
+
+
+def test_paged_kernel_path_equals_each_prompt_alone(spread_decoder):
+  """decode_attn='pallas': decode steps read pages in place through the Pallas paged kernel
+  (interpret mode on the CPU) instead of gathering them (the kernel takes head_dim >= 16)."""
+  model = spread_decoder(CFG.replace(head_dim=16), 22)
+  prompts = _prompts(9, 2)
+  got, _ = generate_shared(model, prompts, max_new_tokens=4, page_size=16, decode_attn="pallas")
+  for p, row in zip(prompts, got):
+    assert generate(model, [p], max_new_tokens=4, pad_to=16) == [row]

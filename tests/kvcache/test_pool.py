@@ -113,7 +113,7 @@ def test_page_tables_are_bucketed_and_device_copies_run():
   assert pool.page_tables(["a", "b"])[0].shape == (2, 8)  # 5 pages -> the next bucket
   cfg = ModelConfig.tiny(n_layers=2)
   kv = init_paged_kv(cfg, 16, 4)
-  kv.k = tuple(k.at[3].set(1.0) for k in kv.k)
+  kv.k = tuple(k.at[:, 3].set(1.0) for k in kv.k)  # [K, P, S, E]
   kv = copy_pages(kv, jnp.asarray([3]), jnp.asarray([9]))
-  assert float(kv.k[1][9].min()) == 1.0 and float(kv.v[0][9].max()) == 0.0
+  assert float(kv.k[1][:, 9].min()) == 1.0 and float(kv.v[0][:, 9].max()) == 0.0
   assert kv.nbytes() == 2 * 2 * 16 * cfg.n_kv_heads * 4 * cfg.head_dim * 4
