@@ -6,8 +6,9 @@ Each group is 16 prompts sharing one random prefix, each with its own suffix. Pr
 admitted through the radix tree (kvcache.RadixTree over a kvcache.PagePool): a prompt reuses the
 stored prefix pages and gets pages only for its suffix (plus a copy of a partial last prefix
 page). The optimum stores each group's prefix once: groups * ceil(prefix / S) pages plus, per
-prompt, the pages its own tokens need (its suffix, and a copy of a partial last prefix page). Host bookkeeping only (no model, no device arrays), so it
-runs anywhere; writes results/paged_memory_<backend>.json.
+prompt, the pages its own tokens need (its suffix, and a copy of a partial last prefix page).
+Host bookkeeping only (no model, no device arrays), so it runs anywhere; writes
+results/paged_memory_<backend>.json.
 """
 
 from __future__ import annotations
