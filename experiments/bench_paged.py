@@ -1,6 +1,8 @@
 """Paged KV memory under prefix sharing: pages the pool actually holds against the tree optimum.
 
     python -m experiments bench paged                 # 64 groups x 16 prompts, 2,048-token prefix
+    python -m experiments bench paged --speed         # GPU: paged vs contiguous decode kernels,
+                                                      # shared-prefix vs per-sequence attention
 
 Each group is 16 prompts sharing one random prefix, each with its own suffix. Prompts are
 admitted through the radix tree (kvcache.RadixTree over a kvcache.PagePool): a prompt reuses the
@@ -15,12 +17,18 @@ from __future__ import annotations
 
 import argparse
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from experiments.bench_attention import time_ms
 from experiments.results import write_results
+from kvcache.attention import slot_attention
 from kvcache.pool import PagePool
 from kvcache.radix import RadixTree
+from pallas_kernels.decode import cache_decode_attention, paged_decode_attention
+from pallas_kernels.merge import merge_attention
 
 
 def measure(groups: int, per_group: int, prefix: int, suffix: int, page_size: int,
@@ -50,6 +58,77 @@ def measure(groups: int, per_group: int, prefix: int, suffix: int, page_size: in
           "saving_vs_unshared": unshared / held, "peak_pages": pool.peak_pages}
 
 
+def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, page_size: int,
+          groups: int, per_group: int, prefix: int, suffix: int, repeats: int) -> dict:
+  """Side by side in one run: (1) the paged decode kernel against the contiguous cache kernel
+  at equal tokens (pages of the pool shuffled); (2) shared-prefix attention (each group's prefix
+  once for all its sequences' queries, merged by log-sum-exp with each suffix read through its
+  pages) against per-sequence paged attention over prefix + suffix pages, decode queries."""
+  rng = np.random.default_rng(0)
+  dt = jnp.bfloat16
+  b, k, g, e, n = batch, kv_heads, group, head_dim, context
+  q = jnp.asarray(rng.standard_normal((b, k, g, e)), dt)
+  kc, vc = (jnp.asarray(rng.standard_normal((b, k, n, e)), dt) for _ in range(2))
+  pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, k, n))
+  q_pos = jnp.full((b,), n - 1, jnp.int32)
+  w = n // page_size
+  pages = b * w
+  perm = rng.permutation(pages).reshape(b, w).astype(np.int32)
+  kp = jnp.zeros((k, pages, page_size, e), dt).at[:, perm].set(
+      kc.reshape(b, k, w, page_size, e).transpose(1, 0, 2, 3, 4))
+  vp = jnp.zeros((k, pages, page_size, e), dt).at[:, perm].set(
+      vc.reshape(b, k, w, page_size, e).transpose(1, 0, 2, 3, 4))
+  tables = jnp.asarray(perm)
+  contiguous = time_ms(jax.jit(cache_decode_attention), (q, kc, vc, pos, q_pos), repeats)
+  paged = time_ms(jax.jit(paged_decode_attention), (q, kp, vp, tables, q_pos), repeats)
+  a = jax.jit(cache_decode_attention)(q, kc, vc, pos, q_pos)[0]
+  c = jax.jit(paged_decode_attention)(q, kp, vp, tables, q_pos)[0]
+  err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - c.astype(jnp.float32))))
+  # Shared prefix: groups x per_group sequences, decode queries; the pool holds each group's
+  # prefix pages once and every sequence's suffix pages.
+  ns, npg, nsg = groups * per_group, prefix // page_size, suffix // page_size
+  pool_pages = groups * npg + ns * nsg
+  kpool, vpool = (jnp.asarray(rng.standard_normal((k, pool_pages, page_size, e)), dt)
+                  for _ in range(2))
+  pre = np.arange(groups * npg).reshape(groups, npg)
+  suf = groups * npg + np.arange(ns * nsg).reshape(ns, nsg)
+  full_tables = jnp.asarray(np.concatenate([np.repeat(pre, per_group, 0), suf], 1), jnp.int32)
+  qs = jnp.asarray(rng.standard_normal((ns, k, g, e)), dt)
+  per_seq = jax.jit(paged_decode_attention)
+  t_per = time_ms(per_seq, (qs, kpool, vpool, full_tables,
+                            jnp.full((ns,), prefix + suffix - 1, jnp.int32)), repeats)
+
+  @jax.jit
+  def shared(qs, kpool, vpool):
+    # The prefix once per group: all its sequences' query rows in one product.
+    pk = kpool[:, pre].reshape(k, groups, prefix, e).transpose(1, 0, 2, 3)  # [groups, K, Np, E]
+    pv = vpool[:, pre].reshape(k, groups, prefix, e).transpose(1, 0, 2, 3)
+    rows = qs.reshape(groups, per_group, k, g, e).transpose(0, 2, 1, 3, 4).reshape(
+        groups, k, 1, per_group * g, e)
+    ppos = jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), (groups, k, prefix))
+    o_p, lse_p, _ = slot_attention(rows, pk, pv, ppos, jnp.full((groups, per_group * g),
+                                                                prefix, jnp.int32))
+    o_p = o_p.reshape(groups, k, per_group, g, e).transpose(0, 2, 1, 3, 4).reshape(ns, k, g, e)
+    lse_p = lse_p.reshape(groups, k, per_group, g).transpose(0, 2, 1, 3).reshape(ns, k, g)
+    # Each sequence's own suffix through its pages.
+    o_s, lse_s = paged_decode_attention(qs, kpool, vpool, jnp.asarray(suf, jnp.int32),
+                                        jnp.full((ns,), suffix - 1, jnp.int32))
+    return merge_attention(o_p, lse_p, o_s, lse_s)
+
+  t_shared = time_ms(shared, (qs, kpool, vpool), repeats)
+  o_ref = per_seq(qs, kpool, vpool, full_tables, jnp.full((ns,), prefix + suffix - 1, jnp.int32))
+  o_sh = shared(qs, kpool, vpool)
+  shared_err = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
+      jnp.float32))))
+  return {"batch": b, "context": n, "kv_heads": k, "group": g, "head_dim": e,
+          "page_size": page_size, "contiguous_kernel_ms": contiguous, "paged_kernel_ms": paged,
+          "paged_over_contiguous_speed": contiguous / paged, "paged_max_abs_diff": err,
+          "groups": groups, "per_group": per_group, "prefix": prefix, "suffix": suffix,
+          "shared_prefix_ms": t_shared, "per_sequence_paged_ms": t_per,
+          "shared_max_abs_diff": shared_err,
+          "shared_prefix_speedup": t_per / t_shared}
+
+
 def main(argv: list[str] | None = None) -> dict:
   ap = argparse.ArgumentParser(prog="python -m experiments bench paged",
                                description=__doc__.splitlines()[0])
@@ -59,7 +138,22 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--suffix", type=int, default=256)
   ap.add_argument("--page-sizes", default="16,64")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--speed", action="store_true",
+                  help="time the paged and shared-prefix attention instead (a GPU)")
+  ap.add_argument("--quick", action="store_true", help="toy sizes for --speed (CPU)")
   args = ap.parse_args(argv)
+  if args.speed:
+    kw = (dict(batch=2, context=256, kv_heads=2, group=3, head_dim=16, page_size=16, groups=2,
+               per_group=4, prefix=64, suffix=16, repeats=2) if args.quick else
+          dict(batch=32, context=8192, kv_heads=4, group=3, head_dim=64, page_size=64,
+               groups=64, per_group=16, prefix=2048, suffix=256, repeats=20))
+    r = speed(**kw)
+    path = write_results("paged_speed" + ("_quick" if args.quick else ""), {"rows": [r]},
+                         args.out)
+    print(f"paged / contiguous kernel speed {r['paged_over_contiguous_speed']:.2f}x "
+          f"(max diff {r['paged_max_abs_diff']:.3g}); shared-prefix speed-up "
+          f"{r['shared_prefix_speedup']:.2f}x\nwrote {path}")
+    return r
   rows = [measure(args.groups, args.per_group, args.prefix, args.suffix, int(s))
           for s in args.page_sizes.split(",")]
   path = write_results("paged_memory", {"rows": rows}, args.out)
