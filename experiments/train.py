@@ -335,8 +335,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
     state = trainer.init_state(init_params)
   log = _Logger(run_dir, state.step)
   mc = trainer.model_cfg
+  rows = trainer.local_rows
   print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind} "
-        f"(process {jax.process_index()}), mesh {dict(trainer.mesh.shape)}; "
+        f"(process {jax.process_index()} of {jax.process_count()}, feeding rows "
+        f"{rows.start}:{rows.stop} of each batch), mesh {dict(trainer.mesh.shape)}; "
         f"model {mc.num_params() / 1e6:.2f}M params, chains={mc.chains}")
   tokens_per_step = cfg.batch_size * cfg.seq_len
   flops_per_step = mc.flops_per_token(cfg.seq_len) * tokens_per_step

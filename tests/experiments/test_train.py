@@ -15,19 +15,6 @@ from experiments.config import ConfigError, load_config
 from experiments.train import Trainer, TrainingDiverged, load_run, train
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-  """A small text folder: a few 'files' of generated Python-like text."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  words = ["def", "return", "self", "value", "for", "in", "range", "if", "else", "print", "x",
-           "y", "data", "items", "class", "import", "None", "True", "(", ")", ":", "=", "+"]
-  for i in range(12):
-    lines = [" ".join(rng.choice(words, size=rng.integers(3, 10))) for _ in range(300)]
-    (root / f"f{i:02d}.py").write_text("\n".join(lines))
-  return root
-
-
 def tiny_config(tmp_path: Path, corpus: Path, name: str = "run", *extra: str):
   return load_config(None, [
       f"name={name}", f"out_dir={tmp_path / 'runs'}", "model.preset=tiny", "model.vocab_size=320",
