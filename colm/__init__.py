@@ -26,12 +26,13 @@ from colm.colm import (
 )
 from colm.config import ModelConfig, resolve_dtype
 from colm.layers import ChainLinear, ChainRMSNorm, rope
+from colm.mesh import cache_shardings, make_mesh, tree_shardings
 from colm.model import Attention, Block, Decoder, FeedForward
 
 __all__ = [
     "Attention", "AttentionImpl", "Block", "ChainLinear", "ChainRMSNorm", "Decoder", "FeedForward",
-    "ModelConfig", "build_model", "expand", "expanded_config", "extract", "freeze",
-    "get_attention", "get_attention_impl", "multiscale_loss", "multiscale_losses",
-    "reference_attention", "register_attention", "resolve_dtype", "rope", "sub_config",
-    "trainable_mask",
+    "ModelConfig", "build_model", "cache_shardings", "expand", "expanded_config", "extract",
+    "freeze", "get_attention", "get_attention_impl", "make_mesh", "multiscale_loss",
+    "multiscale_losses", "reference_attention", "register_attention", "resolve_dtype", "rope",
+    "sub_config", "trainable_mask", "tree_shardings",
 ]

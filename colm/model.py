@@ -21,6 +21,7 @@ from flax import nnx
 from colm.attention import get_attention, get_attention_impl
 from colm.config import ModelConfig, resolve_dtype
 from colm.layers import ChainLinear, ChainRMSNorm, cumsum, fused_chain_linear, rope
+from colm.mesh import constrain
 
 # A layer's KV cache: any object with the methods kvcache.cache.LayerCache has (update, attend);
 # the model only calls them, so colm imports no cache package.
@@ -65,6 +66,9 @@ class Attention(nnx.Module):
       q, kk, vv = fused_chain_linear([self.q, self.k, self.v], x, k, dt)
     q = q.reshape(b, t, h, cfg.head_dim)
     kk, vv = kk.reshape(b, t, kh, cfg.head_dim), vv.reshape(b, t, kh, cfg.head_dim)
+    # Tensor parallel: each device holds its heads (q, k, v are column-parallel).
+    q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+    kk, vv = (constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in (kk, vv))
     return rope(q, positions, cfg.rope_theta), rope(kk, positions, cfg.rope_theta), vv
 
   def __call__(self, x: jax.Array, positions: jax.Array, num_chains: int,
@@ -114,7 +118,8 @@ class FeedForward(nnx.Module):
   def __call__(self, x: jax.Array, num_chains: int) -> jax.Array:
     """x: [B, T, D_k] -> [B, T, D_k]."""
     gate, up = fused_chain_linear([self.gate, self.up], x, num_chains)
-    return self.down(jax.nn.silu(gate) * up, num_chains)
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "ffn"))  # column-parallel halves
+    return self.down(h, num_chains)
 
 
 class Block(nnx.Module):
@@ -130,8 +135,9 @@ class Block(nnx.Module):
   def __call__(self, x, positions, num_chains, kv=None, **cache_kw):
     """x [B, T, D_k] -> (x, the layer's updated cache, scores); cache_kw as Attention's."""
     a, kv, scores = self.attn(self.attn_norm(x, num_chains), positions, num_chains, kv, **cache_kw)
-    x = x + a
-    return x + self.ffn(self.ffn_norm(x, num_chains), num_chains), kv, scores
+    x = constrain(x + a, ("batch", "seq", "hidden"))  # the row-parallel o's all-reduce
+    x = x + self.ffn(self.ffn_norm(x, num_chains), num_chains)
+    return constrain(x, ("batch", "seq", "hidden")), kv, scores
 
 
 class Decoder(nnx.Module):
@@ -177,7 +183,8 @@ class Decoder(nnx.Module):
   def embed_tokens(self, tokens: jax.Array, num_chains: int) -> jax.Array:
     """[B, T] int -> [B, T, D_k] in the compute dtype (scale k uses the first sum D_i columns)."""
     width = cumsum(self.cfg.chain_dims)[num_chains - 1]
-    return self.embed[...][:, :width].astype(resolve_dtype(self.cfg.dtype))[tokens]
+    x = self.embed[...][:, :width].astype(resolve_dtype(self.cfg.dtype))[tokens]
+    return constrain(x, ("batch", "seq", "hidden"))
 
   def logits(self, h: jax.Array, num_chains: int, dtype=jnp.float32) -> jax.Array:
     """Final per-chain norm and the LM head of scale k. h: [..., D_k] -> [..., V] in dtype.
@@ -195,8 +202,10 @@ class Decoder(nnx.Module):
       # Same-dtype dot: its gradient GEMMs stay in h.dtype. With a float32 result type the
       # cotangent is float32 and both gradient GEMMs of this [tokens x vocab] product ran as
       # tf32 (profiled on H100: ~10 ms of a 94 ms step, plus ~8 ms of converts).
-      return jnp.dot(h, w.astype(h.dtype))
-    return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32).astype(dtype)
+      out = jnp.dot(h, w.astype(h.dtype))
+    else:
+      out = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32).astype(dtype)
+    return constrain(out, ("batch", "seq", "vocab")) if out.ndim == 3 else out
 
   def hidden(self, tokens: jax.Array, *, num_chains: int | None = None,
              positions: jax.Array | None = None) -> jax.Array:

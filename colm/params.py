@@ -12,7 +12,8 @@ from flax import nnx
 Params = dict[str, jax.Array]
 
 
-def _name(path) -> str:
+def param_name(path) -> str:
+  """The flat name of a leaf from its pytree path (an nnx.State's or a params dict's)."""
   parts = []
   for p in path:
     key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", None)))
@@ -26,7 +27,7 @@ def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, Params, jax.tree_util
   """-> (graphdef, flat params, treedef of the nnx.State) for `merge_params`."""
   graphdef, state = nnx.split(model)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-  return graphdef, {_name(p): x for p, x in leaves}, treedef
+  return graphdef, {param_name(p): x for p, x in leaves}, treedef
 
 
 def merge_params(graphdef: nnx.GraphDef, treedef: jax.tree_util.PyTreeDef, params: Params,

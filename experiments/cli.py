@@ -33,14 +33,17 @@ TOOLS = {"report": "experiments.report"}
 def _cmd_train(args) -> int:
   from experiments.config import load_config
   from experiments.train import train
-  if args.distributed:  # several hosts: coordinator and process ids from the environment
-    import jax
-    jax.distributed.initialize()
+  if args.distributed:  # several processes: coordinator and ids from flags, env or the cluster
+    from experiments.distributed import initialize
+    initialize(args.coordinator, args.num_processes, args.process_id)
   cfg = load_config(args.config, args.overrides)
   out = train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
   print(f"validation loss {out.get('val_loss', float('nan')):.4f} at step {out['step']} "
         f"(run folder {out['run_dir']})")
-  if cfg.sample_tokens and out["step"] > 0:
+  import jax
+  if cfg.sample_tokens and out["step"] > 0 and jax.process_count() == 1:
+    # (With several processes the parameters span hosts; `generate` a sample from the run
+    # folder afterwards.)
     from kvcache import generate
     data = out["data"]
     model = out["trainer"].model(out["params"])
@@ -139,7 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--stop-after", type=int, default=None, help="stop at this step (for tests)")
   t.add_argument("--no-progress", action="store_true")
   t.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() first (multi-host runs)")
+                 help="call jax.distributed.initialize() first (several processes or hosts; see "
+                      "experiments/distributed.py)")
+  t.add_argument("--coordinator", default=None,
+                 help="with --distributed: process 0's host:port (else $JAX_COORDINATOR_ADDRESS "
+                      "or the cluster's)")
+  t.add_argument("--num-processes", type=int, default=None,
+                 help="with --distributed: processes in all (else $JAX_NUM_PROCESSES)")
+  t.add_argument("--process-id", type=int, default=None,
+                 help="with --distributed: this process, 0..N-1 (else $JAX_PROCESS_ID)")
   t.set_defaults(fn=_cmd_train)
   e = sub.add_parser("eval", help="validation loss and perplexity per chain scale")
   e.add_argument("target", help="run folder, or a config whose run folder to evaluate")

@@ -79,6 +79,7 @@ class TrainConfig:
   weight_decay: float = 0.1  # AdamW decay on matrices (not norms)
   b1: float = 0.9
   b2: float = 0.95
+  adam_eps: float = 1e-8  # Adam's epsilon (optax's default)
   grad_clip: float = 1.0  # global-norm clipping (0 = off)
   log_every: int = 10  # train metrics to metrics.jsonl / TensorBoard
   eval_every: int = 200  # validation loss
@@ -86,7 +87,8 @@ class TrainConfig:
   save_every: int = 200  # checkpoint interval
   keep_checkpoints: int = 3  # newest checkpoints kept
   mesh_data: int = -1  # data-parallel axis size (-1: all devices over fsdp)
-  mesh_fsdp: int = 1  # parameter-sharding axis size
+  mesh_fsdp: int = 1  # parameter-sharding axis size (also splits the batch)
+  mesh_tensor: int = 1  # tensor-parallel axis size: heads, FFN width and vocabulary
   max_minutes: float = 0.0  # stop (after a checkpoint) when this much wall time passed (0 = off)
   sample_prompt: str = "def "  # printed sample at the end
   sample_tokens: int = 64
@@ -175,8 +177,10 @@ def _check(cfg: TrainConfig) -> None:
   need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
   need(0 <= cfg.warmup_steps < cfg.steps, "warmup_steps",
        f"{cfg.warmup_steps} must be in [0, steps={cfg.steps})")
+  need(cfg.adam_eps > 0, "adam_eps", f"must be positive, got {cfg.adam_eps}")
   need(cfg.grad_clip >= 0, "grad_clip", f"must be >= 0, got {cfg.grad_clip}")
   need(cfg.mesh_fsdp >= 1, "mesh_fsdp", f"must be >= 1, got {cfg.mesh_fsdp}")
+  need(cfg.mesh_tensor >= 1, "mesh_tensor", f"must be >= 1, got {cfg.mesh_tensor}")
   need(cfg.mesh_data == -1 or cfg.mesh_data >= 1, "mesh_data", "must be -1 or >= 1")
   need(0 < cfg.data.val_fraction <= 0.5, "data.val_fraction", "must be in (0, 0.5]")
   need(cfg.data.max_bytes is None or cfg.data.max_bytes > 0, "data.max_bytes", "must be > 0")

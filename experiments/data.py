@@ -381,7 +381,8 @@ class Dataset:
       raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     return self.train if split == "train" else self.val
 
-  def batch(self, split: str, step: int, batch_size: int, seq_len: int, seed: int) -> np.ndarray:
+  def batch(self, split: str, step: int, batch_size: int, seq_len: int, seed: int,
+            rows: slice | None = None) -> np.ndarray:
     """Random windows of the token stream; those of a step depend only on (seed, split, step).
 
     Args:
@@ -390,9 +391,11 @@ class Dataset:
       batch_size: B, windows per batch.
       seq_len: L, so that inputs = out[:, :-1] and targets = out[:, 1:].
       seed: the data seed, >= 0.
+      rows: read only these rows of the batch (a process's shard); the batch is the same.
 
     Returns:
-      int32 [B, L + 1]: each row a contiguous slice of the split's token stream.
+      int32 [B, L + 1] (or the rows asked for): each row a contiguous slice of the split's
+      token stream.
     """
     data = self.tokens(split)
     for name, value, low in (("step", step, 0), ("seed", seed, 0), ("batch_size", batch_size, 1),
@@ -404,7 +407,7 @@ class Dataset:
       raise ValueError(f"split {split!r} has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
                        "use a shorter seq_len or a bigger corpus")
     rng = np.random.default_rng([int(seed), SPLITS.index(split), int(step)])
-    starts = rng.integers(0, n - seq_len, size=batch_size)  # start + L + 1 <= n
+    starts = rng.integers(0, n - seq_len, size=batch_size)[rows or slice(None)]  # start+L+1 <= n
     return data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)
 
   def encode(self, text: str) -> list[int]:

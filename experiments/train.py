@@ -22,11 +22,11 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from colm.colm import cross_entropy, freeze, multiscale_loss, multiscale_losses, trainable_mask
 from colm.config import ModelConfig
+from colm.mesh import batch_sharding, make_mesh, param_sharding, tree_shardings  # noqa: F401
 from colm.model import Decoder
 from colm.params import ParamCodec, Params
 from experiments.checkpoint import CheckpointError, Checkpoints
@@ -38,45 +38,28 @@ class TrainingDiverged(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pieces a notebook can use on their own.
-
-
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-  """A ('data', 'fsdp') mesh over the devices; data=-1 takes all devices left over by fsdp."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  if data == -1:
-    if n % fsdp:
-      raise ValueError(f"mesh_fsdp={fsdp} does not divide the {n} devices")
-    data = n // fsdp
-  if data * fsdp != n:
-    raise ValueError(f"mesh_data={data} x mesh_fsdp={fsdp} != {n} devices")
-  return Mesh(np.array(devices).reshape(data, fsdp), ("data", "fsdp"))
-
-
-def param_sharding(x: jax.Array, mesh: Mesh) -> NamedSharding:
-  """FSDP: shard a tensor's largest axis divisible by the fsdp size; replicate the rest."""
-  f = mesh.shape["fsdp"]
-  spec = [None] * x.ndim
-  if f > 1:
-    for ax in sorted(range(x.ndim), key=lambda a: -x.shape[a]):
-      if x.shape[ax] % f == 0:
-        spec[ax] = "fsdp"
-        break
-  return NamedSharding(mesh, P(*spec))
+# Pieces a notebook can use on their own (make_mesh and param_sharding now live in colm.mesh
+# and are imported here for old callers).
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warm-up to cfg.lr, then cosine decay to lr * min_lr_ratio at cfg.steps."""
+  """Linear warm-up from 0 to cfg.lr, then cosine decay to lr * min_lr_ratio at cfg.steps.
+
+  The schedule is read at the update's count, 0 for step 1: with warm-up, step 1 has lr 0;
+  warmup_steps=0 starts at cfg.lr (what a test of the first update needs).
+  """
+  if cfg.warmup_steps == 0:
+    return optax.cosine_decay_schedule(cfg.lr, cfg.steps, alpha=cfg.min_lr_ratio)
   return optax.warmup_cosine_decay_schedule(
-      0.0, cfg.lr, max(cfg.warmup_steps, 1), cfg.steps, end_value=cfg.lr * cfg.min_lr_ratio)
+      0.0, cfg.lr, cfg.warmup_steps, cfg.steps, end_value=cfg.lr * cfg.min_lr_ratio)
 
 
 def make_optimizer(cfg: TrainConfig, model_cfg: ModelConfig | None = None
                    ) -> optax.GradientTransformation:
   """AdamW on lr_schedule; weight decay only on matrices; global-norm clipping; with
   cfg.freeze_chains, the old chains' entries get neither gradient nor update (colm.colm.freeze)."""
-  tx = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+  tx = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
+                   weight_decay=cfg.weight_decay,
                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
   if cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
@@ -123,7 +106,7 @@ class Trainer:
                mesh: Mesh | None = None):
     self.cfg = cfg
     self.model_cfg = model_cfg or cfg.model_config()
-    self.mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    self.mesh = mesh or make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
     n_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     if cfg.batch_size % n_shards:
       raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {n_shards} "
@@ -132,8 +115,8 @@ class Trainer:
     self.codec = ParamCodec(model)
     self.tx = make_optimizer(cfg, self.model_cfg)
     abstract = self.codec.params(model)
-    self.param_shardings = {k: param_sharding(v, self.mesh) for k, v in abstract.items()}
-    self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp"), None))
+    self.param_shardings = tree_shardings(abstract, self.mesh)
+    self.batch_sharding = batch_sharding(self.mesh)
     self.loss_fn = make_loss_fn(self.codec, scale_weights=cfg.scale_weights)
     self._step = jax.jit(make_train_step(self.loss_fn, self.tx), donate_argnums=(0, 1))
     # Validation: the cross-entropy of every chain scale from one forward (the last is the model).
@@ -158,8 +141,7 @@ class Trainer:
 
   def _opt_shardings(self, abstract_opt):
     # Optimizer moments mirror the params; scalars (counts) are replicated.
-    repl = NamedSharding(self.mesh, P())
-    return jax.tree.map(lambda x: param_sharding(x, self.mesh) if x.ndim else repl, abstract_opt)
+    return tree_shardings(abstract_opt, self.mesh)
 
   def abstract_state(self) -> dict[str, Any]:
     def init():
@@ -171,23 +153,40 @@ class Trainer:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
 
-  def put_batch(self, batch: np.ndarray) -> jax.Array:
-    """The global batch [B, T+1] onto the mesh, batch axis over ('data', 'fsdp').
+  @property
+  def local_rows(self) -> slice:
+    """The rows of the global batch this process's devices hold (all of them in one process):
+    what it loads and feeds; processes' row ranges are disjoint unless a batch shard spans
+    several processes."""
+    b = self.cfg.batch_size
+    idx = self.batch_sharding.addressable_devices_indices_map((b, self.cfg.seq_len + 1))
+    starts = [i[0].start or 0 for i in idx.values()]
+    stops = [b if i[0].stop is None else i[0].stop for i in idx.values()]
+    return slice(min(starts), max(stops))
 
-    Every process computes the same global batch (it depends only on seed and step); with
-    several processes each contributes its own rows, as jax.make_array_from_process_local_data
-    expects.
+  def put_batch(self, batch: np.ndarray) -> jax.Array:
+    """A batch [B, T+1] onto the mesh, batch axis over ('data', 'fsdp').
+
+    batch: the global batch, or (several processes) only this process's `local_rows` of it,
+    as jax.make_array_from_process_local_data expects.
     """
     batch = np.asarray(batch, np.int32)
     if jax.process_count() == 1:
       return jax.device_put(batch, self.batch_sharding)
-    n, i = jax.process_count(), jax.process_index()
-    rows = batch.shape[0] // n
-    return jax.make_array_from_process_local_data(
-        self.batch_sharding, batch[i * rows:(i + 1) * rows], batch.shape)
+    rows = self.local_rows
+    shape = (self.cfg.batch_size,) + batch.shape[1:]
+    if batch.shape[0] == shape[0] and rows.stop - rows.start != shape[0]:
+      batch = batch[rows]
+    return jax.make_array_from_process_local_data(self.batch_sharding, batch, shape)
+
+  def load_batch(self, data, split: str, step: int) -> np.ndarray:
+    """This process's rows (local_rows) of the global batch of (split, step): each process reads
+    only its own shard of the data."""
+    cfg = self.cfg
+    return data.batch(split, step, cfg.batch_size, cfg.seq_len, cfg.seed, rows=self.local_rows)
 
   def step(self, state: TrainState, batch: np.ndarray) -> tuple[TrainState, dict]:
-    with self.mesh:
+    with jax.set_mesh(self.mesh):
       params, opt_state, metrics = self._step(state.params, state.opt_state, self.put_batch(batch))
     return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -196,7 +195,7 @@ class Trainer:
 
   def eval_scale_losses(self, params: Params, batch: np.ndarray) -> jax.Array:
     """[num_chains] validation cross-entropy of chains 1..k for k = 1..n."""
-    with self.mesh:
+    with jax.set_mesh(self.mesh):
       return self._eval(params, self.put_batch(batch))
 
   def model(self, params: Params) -> Decoder:
@@ -284,9 +283,7 @@ def evaluate(trainer: Trainer, params: Params, data, batches: int, step_offset: 
              per_scale: bool = False):
   """Mean validation loss over `batches` fixed batches (the same ones at every evaluation);
   per_scale: a [num_chains] array, the loss of chains 1..k for each scale k."""
-  cfg = trainer.cfg
-  losses = [trainer.eval_scale_losses(params, data.batch("val", step_offset + i, cfg.batch_size,
-                                                         cfg.seq_len, cfg.seed))
+  losses = [trainer.eval_scale_losses(params, trainer.load_batch(data, "val", step_offset + i))
             for i in range(batches)]
   mean = np.mean(np.stack([np.asarray(x, np.float64) for x in losses]), axis=0)
   return mean if per_scale else float(mean[-1])
@@ -338,8 +335,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
     state = trainer.init_state(init_params)
   log = _Logger(run_dir, state.step)
   mc = trainer.model_cfg
+  rows = trainer.local_rows
   print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind} "
-        f"(process {jax.process_index()}), mesh {dict(trainer.mesh.shape)}; "
+        f"(process {jax.process_index()} of {jax.process_count()}, feeding rows "
+        f"{rows.start}:{rows.stop} of each batch), mesh {dict(trainer.mesh.shape)}; "
         f"model {mc.num_params() / 1e6:.2f}M params, chains={mc.chains}")
   tokens_per_step = cfg.batch_size * cfg.seq_len
   flops_per_step = mc.flops_per_token(cfg.seq_len) * tokens_per_step
@@ -381,7 +380,7 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
 
   try:
     while state.step < end:
-      batch = data.batch("train", state.step, cfg.batch_size, cfg.seq_len, cfg.seed)
+      batch = trainer.load_batch(data, "train", state.step)
       state, metrics = trainer.step(state, batch)
       pending.append((state.step, metrics))
       bar.update(1)

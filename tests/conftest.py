@@ -53,3 +53,28 @@ def full_forward():
     graphdef, state = nnx.split(model)
     return np.asarray(_forward_fn(graphdef, num_chains)(state, jnp.asarray(tokens)))
   return forward
+
+
+def run_on_cpu_devices(code: str, *args: str, n: int = 8, timeout: int = 600) -> str:
+  """Runs `code` (with sys.argv[1:] = args) in a fresh Python with n simulated CPU devices (XLA
+  reads the device count when jax starts, so it cannot change in this process); returns its
+  stdout, failing the test with stdout and stderr when it exits non-zero."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  repo = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
+  r = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=repo, capture_output=True,
+                     text=True, timeout=timeout)
+  if r.returncode:
+    pytest.fail(f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-6000:]}")
+  return r.stdout
+
+
+@pytest.fixture(scope="session")
+def cpu_devices():
+  """run(code, *args, n=8) -> stdout of code run with n simulated CPU devices
+  (run_on_cpu_devices)."""
+  return run_on_cpu_devices
