@@ -41,15 +41,6 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
   return out
 
 
-def _last_val_loss(run_dir: Path) -> float | None:
-  """The newest val_loss in a run's metrics.jsonl (a finished stage evaluates nothing again)."""
-  path = run_dir / "metrics.jsonl"
-  rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] \
-      if path.exists() else []
-  vals = [r["val_loss"] for r in rows if "val_loss" in r]
-  return vals[-1] if vals else None
-
-
 def _has_checkpoint(run_dir: Path) -> bool:
   d = run_dir / "checkpoints"
   return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
@@ -91,8 +82,6 @@ def train_progressive(cfg: TrainConfig, *, stop_after: int | None = None, progre
     print(f"stage {s}: chains {scfg.model_config().chains} (d_model "
           f"{scfg.model_config().d_model}), {scfg.steps} steps, {scfg.freeze_chains} frozen")
     result = train(scfg, stop_after=budget, progress=progress, data=data, init_params=init)
-    if "val_loss" not in result:  # resumed at the stage's end: nothing ran
-      result["val_loss"] = _last_val_loss(run_dir / scfg.name)
     summary.append({"stage": s, "chains": list(scfg.model_config().chains),
                     "d_model": scfg.model_config().d_model, "steps": result["step"],
                     "val_loss": result.get("val_loss")})

@@ -15,7 +15,7 @@ import pytest
 from experiments.checkpoint import CheckpointError, Checkpoints
 from experiments.cli import main as cli_main
 from experiments.config import ConfigError, load_config
-from experiments.train import Trainer, TrainingDiverged, load_run, train
+from experiments.train import Trainer, load_run, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,34 +62,14 @@ def test_resume_is_exact(tmp_path, corpus):
   assert list((Path(resumed["run_dir"]) / "tb").iterdir())  # TensorBoard events
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
-  cfg = tiny_config(tmp_path, corpus, "nan", "steps=8", "save_every=2", "log_every=4")
-  real_step = Trainer.step
-
-  def poisoned(self, state, batch):
-    state, metrics = real_step(self, state, batch)
-    if state.step == 5:
-      metrics = {**metrics, "loss": metrics["loss"] * np.nan}
-    return state, metrics
-
-  monkeypatch.setattr(Trainer, "step", poisoned)
-  with pytest.raises(TrainingDiverged, match="step 5"):
-    train(cfg, progress=False)
-  run_dir = tmp_path / "runs" / "nan"
-  ckpt = Checkpoints(run_dir / "checkpoints")
-  assert ckpt.latest_step() == 4
-  ckpt.close()
-  _, model, _, step = load_run(run_dir)
-  assert step == 4
-
-
 def test_run_folder_errors(tmp_path, corpus):
   cfg = tiny_config(tmp_path, corpus, "errs", "steps=3")
   train(cfg, progress=False)
   run_dir = tmp_path / "runs" / "errs"
   # A different model under the same name is refused before anything is written.
   before = (run_dir / "config.yaml").read_text()
-  with pytest.raises(CheckpointError, match="different model"):
+  with pytest.raises(CheckpointError, match="different model.*model.d_model: stored 48, "
+                     "requested 24"):
     train(tiny_config(tmp_path, corpus, "errs", "model.d_model=24", "model.head_dim=6"),
           progress=False)
   assert (run_dir / "config.yaml").read_text() == before
