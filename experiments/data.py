@@ -254,13 +254,14 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int, *, length: int | Non
   return tok
 
 
-def load_tokenizer(path: pathlib.Path | str) -> tokenizers.Tokenizer:
-  """Loads a tokenizer saved by `prepare` (a `tokenizer.json` file or the folder holding one)."""
+def load_tokenizer(path: pathlib.Path | str, strict: bool = True) -> tokenizers.Tokenizer:
+  """Loads a tokenizer saved by `prepare` (a `tokenizer.json` file or the folder holding one);
+  strict=False accepts any tokenizer.json (an imported model's) without our special tokens."""
   path = pathlib.Path(path)
   if path.is_dir():
     path = path / "tokenizer.json"
   tok = tokenizers.Tokenizer.from_file(str(path))
-  for i, name in enumerate(SPECIAL_TOKENS):
+  for i, name in enumerate(SPECIAL_TOKENS if strict else ()):
     if tok.token_to_id(name) != i:
       raise ValueError(f"tokenizer {path} must have {name} at id {i}, has {tok.token_to_id(name)}")
   return tok

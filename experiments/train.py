@@ -542,4 +542,5 @@ def load_run(run_dir: str | Path, step: int | None = None):
     step, state, _ = ckpt.restore_newest(trainer.abstract_state(), step)
   finally:
     ckpt.close()
-  return cfg, trainer.model(state["params"]), load_tokenizer(run_dir / "tokenizer.json"), step
+  tok = load_tokenizer(run_dir / "tokenizer.json", strict=cfg.data.tokenizer is None)
+  return cfg, trainer.model(state["params"]), tok, step
