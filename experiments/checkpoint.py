@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-
 MANIFEST = "manifest.json"
 
 
@@ -100,6 +99,8 @@ class Checkpoints:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    if step in self.all_steps():  # re-saving a step (the state before a divergence): replace it
+      self.manager.delete(step)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()

@@ -167,7 +167,8 @@ def _check_colm(cfg: TrainConfig, mc: ModelConfig, need) -> None:
          "the first stage trains the configured model (add_chain 0); every later stage adds a "
          f"chain (add_chain > 0), got {st.add_chain}")
     warm = cfg.warmup_steps if st.warmup_steps is None else st.warmup_steps
-    need(st.steps == 0 or 0 <= warm < st.steps, f"{key}.warmup_steps", f"{warm} must be in [0, {st.steps})")
+    need(st.steps == 0 or 0 <= warm < st.steps, f"{key}.warmup_steps",
+         f"{warm} must be in [0, {st.steps})")
     need(st.lr is None or st.lr > 0, f"{key}.lr", f"must be positive, got {st.lr}")
     if st.add_chain:
       try:

@@ -31,8 +31,14 @@ from colm.model import Decoder
 from colm.params import ParamCodec, Params
 from experiments.checkpoint import CheckpointError, Checkpoints
 from experiments.config import ConfigError, TrainConfig, config_diff, to_yaml
-from experiments.divergence import (Divergence, Guard, init_guard, make_guarded_step,
-                                    rollback_target, what_failed)
+from experiments.divergence import (
+  Divergence,
+  Guard,
+  init_guard,
+  make_guarded_step,
+  rollback_target,
+  what_failed,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -156,6 +162,8 @@ class Trainer:
     self.loss_fn = make_loss_fn(self.codec, scale_weights=cfg.scale_weights)
     self._step = jax.jit(make_guarded_step(self.loss_fn, self.tx, cfg.divergence_spike,
                                            cfg.divergence_window), donate_argnums=(0, 1, 2))
+    self._init = None
+    self._replicated = NamedSharding(self.mesh, P())
     # Validation: the cross-entropy of every chain scale from one forward (the last is the model).
     self._eval = jax.jit(lambda params, batch: multiscale_losses(self.codec.merge(params), batch))
 
@@ -168,12 +176,14 @@ class Trainer:
           jax.eval_shape(self.tx.init, params)))(params)
       return TrainState(0, params, opt_state)
 
-    def init():
-      params = self.codec.params(Decoder(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed)))
-      return params, self.tx.init(params)
-    abstract_p, abstract_o = jax.eval_shape(init)
-    opt_shardings = self._opt_shardings(abstract_o)
-    params, opt_state = jax.jit(init, out_shardings=(self.param_shardings, opt_shardings))()
+    if self._init is None:  # compiled once (a rollback to step 0 initialises again)
+      def init():
+        params = self.codec.params(Decoder(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed)))
+        return params, self.tx.init(params)
+      abstract_p, abstract_o = jax.eval_shape(init)
+      opt_shardings = self._opt_shardings(abstract_o)
+      self._init = jax.jit(init, out_shardings=(self.param_shardings, opt_shardings))
+    params, opt_state = self._init()
     return TrainState(0, params, opt_state)
 
   def _opt_shardings(self, abstract_opt):
@@ -209,7 +219,9 @@ class Trainer:
   def step(self, state: TrainState, batch: np.ndarray) -> tuple[TrainState, dict]:
     """One guarded step: metrics["ok"] False means the update was not applied (and no later
     one will be until the guard is reset)."""
-    guard = init_guard() if state.guard is None else state.guard
+    # Placed like the step's outputs, so a fresh or restored guard does not recompile the step.
+    guard = jax.device_put(init_guard() if state.guard is None else state.guard,
+                           self._replicated)
     with self.mesh:
       params, opt_state, guard, metrics = self._step(
           state.params, state.opt_state, guard, self.put_batch(batch),

@@ -151,3 +151,34 @@ def hf_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp(f"hf_{kind}")
     return write_hf_folder(root / "model", hf, tensors, shards), hf, tensors
   return make
+
+
+# --- tiny training runs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  """A small text folder: a few 'files' of generated Python-like text."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  words = ["def", "return", "self", "value", "for", "in", "range", "if", "else", "print", "x",
+           "y", "data", "items", "class", "import", "None", "True", "(", ")", ":", "=", "+"]
+  for i in range(12):
+    lines = [" ".join(rng.choice(words, size=rng.integers(3, 10))) for _ in range(300)]
+    (root / f"f{i:02d}.py").write_text("\n".join(lines))
+  return root
+
+
+def _tiny_config(tmp_path, corpus, name: str = "run", *extra: str):
+  from experiments.config import load_config
+  return load_config(None, [
+      f"name={name}", f"out_dir={tmp_path / 'runs'}", "model.preset=tiny", "model.vocab_size=320",
+      "model.max_seq_len=32", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+      "steps=6", "batch_size=4", "seq_len=32", "warmup_steps=2", "log_every=1", "eval_every=3",
+      "eval_batches=2", "save_every=3", "sample_tokens=4", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """make(tmp_path, corpus, name='run', *overrides) -> the TrainConfig of a 6-step tiny run."""
+  return _tiny_config

@@ -137,9 +137,9 @@ def test_cli_import_eval_generate_export(hf_folder, tmp_path, capsys):
   assert cli_main(["import", str(folder), "--out", str(run), "--no-progress"]) == 0
   assert cli_main(["generate", str(run), "--prompt", "def main", "--max-new-tokens", "4",
                    "--no-progress"]) == 0
-  assert cli_main(["eval", str(run), f"data.source={corpus}", f"data.cache_dir={tmp_path / 'c'}", "data.val_fraction=0.5",
-                   "seq_len=8", "batch_size=2",
-                   "--batches", "1", "--no-progress"]) == 0
+  assert cli_main(["eval", str(run), f"data.source={corpus}", f"data.cache_dir={tmp_path / 'c'}",
+                   "data.val_fraction=0.5", "seq_len=8", "batch_size=2", "--batches", "1",
+                   "--no-progress"]) == 0
   assert "perplexity" in capsys.readouterr().out
   assert cli_main(["eval", str(run), "model.d_model=48"]) == 2
   assert "model.d_model: stored 36, requested 48" in capsys.readouterr().err
