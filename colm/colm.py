@@ -137,6 +137,8 @@ def extract(cfg: ModelConfig, params: Params, k: int) -> tuple[ModelConfig, Para
       x = x[..., :width]
     elif name == "head":
       x = x[:width]
+    elif name.endswith("_bias"):  # q/k/v bias: the first k chains' heads
+      x = x[: spec.shape[0]]
     if x.shape != spec.shape:
       raise ValueError(f"extract: {name} has shape {x.shape}, the {k}-chain model needs "
                        f"{spec.shape}")
@@ -195,6 +197,8 @@ def expand(cfg: ModelConfig, params: Params, width: int, rng: jax.Array
       x = np.concatenate([old, rand((old.shape[0], width))], axis=1)
     elif name == "head":  # [D, V]: new rows
       x = np.concatenate([old, rand((width, old.shape[1]))], axis=0)
+    elif name.endswith("_bias"):  # q/k/v bias: the new chain's heads start at 0
+      x = np.concatenate([old, np.zeros((spec.shape[0] - old.shape[0],), old.dtype)])
     elif name.endswith(".scale"):  # final norm: 0 for the new chain (the step-0 identity)
       fill = np.zeros if name == "final_norm.scale" else np.ones
       x = np.concatenate([old, fill((width,), old.dtype)])
@@ -228,6 +232,9 @@ def trainable_mask(cfg: ModelConfig, frozen_chains: int) -> dict[str, np.ndarray
       mask[name] = np.asarray(int(m.group(1)) >= frozen_chains)
     elif name == "embed" or name.endswith(".scale"):
       mask[name] = cols  # broadcasts over [V, D] and [D]
+    elif name.endswith("_bias"):  # [H*E] or [K*E]: the frozen chains' heads come first
+      heads = cfg.chain_heads if name.endswith("q_bias") else cfg.chain_kv_heads
+      mask[name] = np.arange(spec.shape[0]) >= sum(heads[:frozen_chains]) * cfg.head_dim
     elif name == "head":
       mask[name] = cols[:, None]  # [D, 1] over [D, V]
     else:

@@ -48,6 +48,12 @@ class ModelConfig:
   chains: tuple[int, ...] = (1,)  # relative chain widths c_i; (16, 16) or (8, 8, 8, 8) is CoLM
   tie_embeddings: bool = True  # LM head = embedding transposed
   rope_theta: float = 10000.0  # RoPE base
+  rope_scaling: str = ""  # '' (none) or 'llama3' (Llama 3.1 frequency scaling, fields below)
+  rope_factor: float = 8.0  # llama3: long wavelengths are divided by this
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_len / this are scaled
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this are kept
+  rope_original_len: int = 8192  # llama3: the context length the model was pre-trained with
+  qkv_bias: bool = False  # a bias on the q, k, v projections (Qwen2); off = LLaMA, no parameter
   norm_eps: float = 1e-6  # RMSNorm epsilon
   max_seq_len: int = 256  # longest context the model is trained / decoded with
   attn_impl: str = "auto"  # 'reference' (jnp), 'xla', 'cudnn', 'auto' (GPU: cudnn, else reference)
@@ -70,6 +76,13 @@ class ModelConfig:
       raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.rope_scaling not in ("", "llama3"):
+      raise ValueError(f"rope_scaling must be '' or 'llama3', got {self.rope_scaling!r}")
+    if self.rope_scaling and not (self.rope_factor > 0 and
+                                  0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      raise ValueError(f"rope_scaling=llama3 needs rope_factor > 0 and 0 < rope_low_freq_factor "
+                       f"< rope_high_freq_factor, got {self.rope_factor}, "
+                       f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}")
     object.__setattr__(self, "layer_attn", tuple(str(a) for a in self.layer_attn))
     if self.layer_attn and len(self.layer_attn) != self.n_layers:
       raise ValueError(f"layer_attn has {len(self.layer_attn)} entries for n_layers="
@@ -93,6 +106,15 @@ class ModelConfig:
     for i, (h, kv) in enumerate(zip(self.chain_heads, self.chain_kv_heads)):
       if h // kv != self.n_heads // self.n_kv_heads or h % kv:
         raise ValueError(f"chain {i}: {h} query heads and {kv} KV heads break the GQA grouping")
+
+  @property
+  def rope_args(self) -> dict[str, Any]:
+    """Keyword arguments of colm.layers.rope for this model."""
+    if not self.rope_scaling:
+      return {"theta": self.rope_theta}
+    return {"theta": self.rope_theta, "scaling": (self.rope_factor, self.rope_low_freq_factor,
+                                                  self.rope_high_freq_factor,
+                                                  self.rope_original_len)}
 
   @property
   def num_chains(self) -> int:

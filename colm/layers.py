@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 FUSE_MAX_ROWS = 256  # fused_chain_linear concatenates weights only up to this many rows
@@ -98,17 +99,41 @@ class ChainRMSNorm(nnx.Module):
     return (y * self.scale[...][: bounds[-1]].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float = 10000.0,
+                     scaling: tuple[float, float, float, int] | None = None) -> np.ndarray:
+  """The [E/2] inverse frequencies theta^(-2i/E), float32.
+
+  scaling = (factor, low_freq_factor, high_freq_factor, original_len) applies Llama 3.1's
+  rule: wavelengths longer than original_len / low_freq_factor are divided by factor, shorter
+  than original_len / high_freq_factor kept, and those between interpolated smoothly.
+  """
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  if scaling is not None:
+    factor, low, high, orig = scaling
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > orig / low, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    inv = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+  return inv.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
+         scaling: tuple[float, float, float, int] | None = None) -> jax.Array:
   """Rotary embedding, rotate-half form (LLaMA).
 
   Args:
     x: [B, T, N, E] queries or keys.
     positions: [B, T] int absolute positions.
+    theta, scaling: see rope_frequencies.
   Returns:
     [B, T, N, E] in x.dtype.
   """
   e = x.shape[-1]
-  freq = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)  # [E/2]
+  if scaling is None:
+    freq = theta ** (-jnp.arange(0, e, 2, dtype=jnp.float32) / e)  # [E/2]
+  else:
+    freq = jnp.asarray(rope_frequencies(e, theta, scaling))
   ang = positions.astype(jnp.float32)[..., None] * freq  # [B, T, E/2]
   sin, cos = jnp.sin(ang)[:, :, None, :], jnp.cos(ang)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

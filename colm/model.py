@@ -46,6 +46,11 @@ class Attention(nnx.Module):
     self.k = ChainLinear(kv_in, kv_dims, **kw)
     self.v = ChainLinear(kv_in, kv_dims, **kw)
     self.o = ChainLinear(q_dims, cfg.chain_dims, **kw)
+    # Qwen2: biases on q, k, v ([H*E], [K*E], [K*E]); a k-chain forward adds their first
+    # entries, the chains' heads being a prefix of the outputs. None without cfg.qkv_bias.
+    bias = (lambda n: nnx.Param(jnp.zeros((n,), pd))) if cfg.qkv_bias else (lambda n: None)
+    self.q_bias, self.k_bias, self.v_bias = bias(sum(q_dims)), bias(sum(kv_dims)), \
+        bias(sum(kv_dims))
 
   def _air_kv(self, x, m):
     """Air: K|V of the first m chains' KV heads as one dense matmul of x[..., :D_1]."""
@@ -64,12 +69,15 @@ class Attention(nnx.Module):
       kk, vv = self._air_kv(x, kv_chains)
     else:
       q, kk, vv = fused_chain_linear([self.q, self.k, self.v], x, k, dt)
+    if cfg.qkv_bias:
+      q, kk, vv = (y + b[...][: y.shape[-1]].astype(dt)
+                   for y, b in ((q, self.q_bias), (kk, self.k_bias), (vv, self.v_bias)))
     q = q.reshape(b, t, h, cfg.head_dim)
     kk, vv = kk.reshape(b, t, kh, cfg.head_dim), vv.reshape(b, t, kh, cfg.head_dim)
     # Tensor parallel: each device holds its heads (q, k, v are column-parallel).
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))
     kk, vv = (constrain(x, ("batch", "seq", "kv_heads", "head_dim")) for x in (kk, vv))
-    return rope(q, positions, cfg.rope_theta), rope(kk, positions, cfg.rope_theta), vv
+    return rope(q, positions, **cfg.rope_args), rope(kk, positions, **cfg.rope_args), vv
 
   def __call__(self, x: jax.Array, positions: jax.Array, num_chains: int,
                kv: LayerKV | None = None, *, fresh: bool = False, valid: jax.Array | None = None,

@@ -49,6 +49,8 @@ class DataSpec:
   val_fraction: float = 0.05  # share of files held out for validation
   max_bytes: int | None = None  # cap on corpus bytes, for quick runs
   cache_dir: str = "runs/.data_cache"  # tokenizers and token memmaps, shared between runs
+  tokenizer: str | None = None  # a tokenizer.json to encode with (an imported model's); None:
+  # train a byte-level BPE of model.vocab_size on the corpus
 
 
 @dataclasses.dataclass
@@ -58,6 +60,8 @@ class StageSpec:
   add_chain: int = 0  # hidden width of a chain added before this stage (0: none; first stage)
   steps: int = 100  # optimizer steps of this stage (old chains frozen after an add_chain)
   lr: float | None = None  # peak learning rate of the stage (None: the run's lr)
+  init_from: str | None = None  # first stage only: start from this run folder's newest verified
+  # checkpoint (an imported model, say); its model replaces `model`; steps may then be 0
   warmup_steps: int | None = None  # (None: the run's warmup_steps)
 
 
@@ -97,8 +101,15 @@ class TrainConfig:
   freeze_chains: int = 0  # chains 1..n get no updates (progressive scaling sets this)
   stages: list[StageSpec] = dataclasses.field(default_factory=list)  # progressive schedule:
   # stage 0 trains `model`, each later stage adds a chain (old ones frozen); steps = their sum
+  divergence_spike: float = 5.0  # a loss above this x its recent average is divergence (0 = off)
+  divergence_window: int = 20  # steps in the loss average (and steps before spikes are checked)
+  on_divergence: str = "stop"  # 'stop' (save the pre-update state, exit 2) or 'rollback'
+  rollback_lr_factor: float = 0.5  # rollback: the learning rate is multiplied by this
+  max_rollbacks: int = 3  # rollback: give up (as 'stop') after this many
 
   def model_config(self) -> ModelConfig:
+    if self.stages and self.stages[0].init_from:  # the imported (or earlier) run's model
+      return load_config(Path(self.stages[0].init_from) / "config.yaml").model_config()
     return build_model_config(self.model)
 
 
@@ -147,12 +158,19 @@ def _check_colm(cfg: TrainConfig, mc: ModelConfig, need) -> None:
        f"({sum(s.steps for s in cfg.stages)}), the run's total")
   for i, st in enumerate(cfg.stages):
     key = f"stages.{i}"
-    need(st.steps > 0, f"{key}.steps", f"must be positive, got {st.steps}")
+    need(st.init_from is None or i == 0, f"{key}.init_from", "only the first stage may start "
+         "from another run")
+    if st.init_from is not None:
+      need((Path(st.init_from) / "config.yaml").is_file(), f"{key}.init_from",
+           f"{st.init_from} is not a run folder (no config.yaml)")
+    need(st.steps > 0 or st.init_from is not None, f"{key}.steps",
+         f"must be positive, got {st.steps}")
     need((st.add_chain == 0) == (i == 0), f"{key}.add_chain",
          "the first stage trains the configured model (add_chain 0); every later stage adds a "
          f"chain (add_chain > 0), got {st.add_chain}")
     warm = cfg.warmup_steps if st.warmup_steps is None else st.warmup_steps
-    need(0 <= warm < st.steps, f"{key}.warmup_steps", f"{warm} must be in [0, {st.steps})")
+    need(st.steps == 0 or 0 <= warm < st.steps, f"{key}.warmup_steps",
+         f"{warm} must be in [0, {st.steps})")
     need(st.lr is None or st.lr > 0, f"{key}.lr", f"must be positive, got {st.lr}")
     if st.add_chain:
       try:
@@ -179,6 +197,15 @@ def _check(cfg: TrainConfig) -> None:
        f"{cfg.warmup_steps} must be in [0, steps={cfg.steps})")
   need(cfg.adam_eps > 0, "adam_eps", f"must be positive, got {cfg.adam_eps}")
   need(cfg.grad_clip >= 0, "grad_clip", f"must be >= 0, got {cfg.grad_clip}")
+  need(cfg.divergence_spike == 0 or cfg.divergence_spike > 1, "divergence_spike",
+       f"must be 0 (off) or > 1, got {cfg.divergence_spike}")
+  need(cfg.divergence_window >= 1, "divergence_window", "must be >= 1")
+  need(cfg.on_divergence in ("stop", "rollback"), "on_divergence",
+       f"must be 'stop' or 'rollback', got {cfg.on_divergence!r}")
+  need(0 < cfg.rollback_lr_factor <= 1, "rollback_lr_factor", "must be in (0, 1]")
+  need(cfg.max_rollbacks >= 0, "max_rollbacks", "must be >= 0")
+  need(cfg.data.tokenizer is None or Path(cfg.data.tokenizer).is_file(), "data.tokenizer",
+       f"no file {cfg.data.tokenizer}")
   need(cfg.mesh_fsdp >= 1, "mesh_fsdp", f"must be >= 1, got {cfg.mesh_fsdp}")
   need(cfg.mesh_tensor >= 1, "mesh_tensor", f"must be >= 1, got {cfg.mesh_tensor}")
   need(cfg.mesh_data == -1 or cfg.mesh_data >= 1, "mesh_data", "must be -1 or >= 1")
@@ -226,6 +253,62 @@ def resolve_config_path(path_or_name: str | Path) -> Path:
 
 def to_yaml(cfg: TrainConfig) -> str:
   return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flat_items(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: value} of a config (TrainConfig, or any dataclass / mapping / list tree)."""
+  if dataclasses.is_dataclass(cfg):
+    cfg = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+  if isinstance(cfg, dict):
+    out = {}
+    for k, v in cfg.items():
+      out.update(flat_items(v, f"{prefix}{k}."))
+    return out
+  if isinstance(cfg, list) and cfg and any(dataclasses.is_dataclass(x) for x in cfg):
+    out = {}
+    for i, v in enumerate(cfg):
+      out.update(flat_items(v, f"{prefix}{i}."))
+    return out
+  return {prefix[:-1]: cfg}
+
+
+def config_diff(stored: TrainConfig, requested: TrainConfig, model_only: bool = False
+                ) -> list[str]:
+  """'key: stored X, requested Y' for each differing key (the model by its resolved fields)."""
+  a, b = flat_items(stored), flat_items(requested)
+  for d, c in ((a, stored), (b, requested)):
+    for k in [k for k in d if k.startswith("model.")]:
+      del d[k]
+    d.update({f"model.{k}": v for k, v in flat_items(c.model_config()).items()})
+  keys = [k for k in sorted(set(a) | set(b)) if k not in ("name", "out_dir")
+          and (not model_only or k.startswith("model."))]
+  return [f"{k}: stored {a.get(k)!r}, requested {b.get(k)!r}" for k in keys
+          if a.get(k) != b.get(k)]
+
+
+def describe(cfg: TrainConfig) -> str:
+  """Every key of the resolved config with its type and value, one per line (`config NAME`)."""
+  hints = typing.get_type_hints(TrainConfig)
+  mhints = typing.get_type_hints(ModelConfig)
+  lines = []
+  for key, value in flat_items(cfg).items():
+    if key.startswith("model."):
+      continue
+    top, _, rest = key.partition(".")
+    tp = hints.get(top) if not rest else (typing.get_type_hints(type(getattr(cfg, top))).get(rest)
+                                          if dataclasses.is_dataclass(getattr(cfg, top)) else None)
+    lines.append(f"{key:<28} {_type_name(tp):<20} {value!r}")
+  for key, value in flat_items(cfg.model_config()).items():
+    lines.append(f"{'model.' + key:<28} {_type_name(mhints.get(key)):<20} {value!r}")
+  return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+  if tp is None:
+    return "-"
+  if isinstance(tp, type):
+    return tp.__name__
+  return str(tp).replace("typing.", "").replace(f"{__name__}.", "")
 
 
 def list_configs() -> list[str]:

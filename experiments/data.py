@@ -51,6 +51,7 @@ class DataConfig:
   val_fraction: float = 0.05  # share of files (or of the bytes of a single file) held out
   max_bytes: int | None = None  # cap on corpus bytes, files taken in sorted order (quick starts)
   cache_dir: str = "runs/.data_cache"  # where tokenizers and memmaps are cached
+  tokenizer: str | None = None  # encode with this tokenizer.json (an imported model's) instead
 
   def __post_init__(self):
     if not isinstance(self.source, str) or not self.source:
@@ -253,16 +254,25 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int, *, length: int | Non
   return tok
 
 
-def load_tokenizer(path: pathlib.Path | str) -> tokenizers.Tokenizer:
-  """Loads a tokenizer saved by `prepare` (a `tokenizer.json` file or the folder holding one)."""
+def load_tokenizer(path: pathlib.Path | str, strict: bool = True) -> tokenizers.Tokenizer:
+  """Loads a tokenizer saved by `prepare` (a `tokenizer.json` file or the folder holding one);
+  strict=False accepts any tokenizer.json (an imported model's) without our special tokens."""
   path = pathlib.Path(path)
   if path.is_dir():
     path = path / "tokenizer.json"
   tok = tokenizers.Tokenizer.from_file(str(path))
-  for i, name in enumerate(SPECIAL_TOKENS):
+  for i, name in enumerate(SPECIAL_TOKENS if strict else ()):
     if tok.token_to_id(name) != i:
       raise ValueError(f"tokenizer {path} must have {name} at id {i}, has {tok.token_to_id(name)}")
   return tok
+
+
+END_TOKENS = (EOT, "<|end_of_text|>", "</s>", "<eos>")  # ours, then LLaMA 3, LLaMA 2 / Mistral
+
+
+def eot_token_id(tok: tokenizers.Tokenizer) -> int | None:
+  """The id of the first end-of-text token the tokenizer knows (END_TOKENS), or None."""
+  return next((tok.token_to_id(t) for t in END_TOKENS if tok.token_to_id(t) is not None), None)
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
@@ -298,7 +308,7 @@ def _pieces(text: str) -> list[str]:
 def _encode_to_file(tok: tokenizers.Tokenizer, docs: list[_Doc], path: pathlib.Path,
                     dtype: np.dtype, *, desc: str, progress: bool) -> int:
   """Encodes documents, each followed by <|endoftext|>, into a raw token file; returns the count."""
-  eot = np.array([tok.token_to_id(EOT)], dtype)
+  eot = np.array([] if eot_token_id(tok) is None else [eot_token_id(tok)], dtype)
   # (text, ends_a_document) pieces in corpus order.
   pieces = []
   for doc in docs:
@@ -366,7 +376,7 @@ class Dataset:
     self.train = train
     self.val = val
     self.vocab_size = tokenizer.get_vocab_size()
-    self.eot_id = tokenizer.token_to_id(EOT)
+    self.eot_id = eot_token_id(tokenizer)
     self.pad_id = tokenizer.token_to_id(PAD)
     self.fingerprint = fingerprint
     self.path = path
@@ -437,11 +447,16 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Dataset:
   docs = _read_docs(cfg.source, cfg.max_bytes)
   splits = _split_docs(docs, cfg.val_fraction, cfg.source)
   fingerprint = _fingerprint(splits)
-  folder = pathlib.Path(cfg.cache_dir).expanduser() / f"{fingerprint[:16]}-v{cfg.vocab_size}"
+  tag = f"v{cfg.vocab_size}"
+  if cfg.tokenizer is not None:  # a given tokenizer: cached per its content
+    tag = "t" + hashlib.sha256(pathlib.Path(cfg.tokenizer).read_bytes()).hexdigest()[:16]
+  folder = pathlib.Path(cfg.cache_dir).expanduser() / f"{fingerprint[:16]}-{tag}"
   folder.mkdir(parents=True, exist_ok=True)
 
   tok_path = folder / "tokenizer.json"
-  if tok_path.exists():
+  if cfg.tokenizer is not None:
+    tok = tokenizers.Tokenizer.from_file(str(cfg.tokenizer))
+  elif tok_path.exists():
     tok = load_tokenizer(tok_path)
   else:
     log.info("training a %d-token BPE on %d train files of %s", cfg.vocab_size,

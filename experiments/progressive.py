@@ -41,15 +41,6 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
   return out
 
 
-def _last_val_loss(run_dir: Path) -> float | None:
-  """The newest val_loss in a run's metrics.jsonl (a finished stage evaluates nothing again)."""
-  path = run_dir / "metrics.jsonl"
-  rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] \
-      if path.exists() else []
-  vals = [r["val_loss"] for r in rows if "val_loss" in r]
-  return vals[-1] if vals else None
-
-
 def _has_checkpoint(run_dir: Path) -> bool:
   d = run_dir / "checkpoints"
   return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
@@ -65,7 +56,11 @@ def train_progressive(cfg: TrainConfig, *, stop_after: int | None = None, progre
   Returns:
     the last stage's train() result, plus "stages": per stage {name, chains, steps, val_loss}.
   """
-  from experiments.train import prepare_data, train
+  from experiments.train import load_run, prepare_data, train
+  origin = cfg.stages[0].init_from
+  if origin and cfg.data.tokenizer is None:  # the imported model's tokenizer, not a new BPE
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, tokenizer=str(Path(origin) / "tokenizer.json")))
   run_dir = Path(cfg.out_dir) / cfg.name
   saved = run_dir / "config.yaml"
   if saved.exists():
@@ -84,6 +79,18 @@ def train_progressive(cfg: TrainConfig, *, stop_after: int | None = None, progre
     if budget is not None and budget <= 0:
       break
     init = None
+    if s == 0 and origin and not _has_checkpoint(run_dir / scfg.name):
+      # An imported (or any earlier) run as the first stage: its newest verified checkpoint.
+      _, model, _, src_step = load_run(origin)
+      from colm.params import split_params
+      init = split_params(model)[1]
+      print(f"stage 0: starting from {origin} (step {src_step})")
+      if scfg.steps == 0:  # taken as it is
+        prev = (scfg, {"params": init})
+        summary.append({"stage": 0, "chains": list(scfg.model_config().chains),
+                        "d_model": scfg.model_config().d_model, "steps": 0, "val_loss": None,
+                        "init_from": str(origin)})
+        continue
     if prev is not None and not _has_checkpoint(run_dir / scfg.name):
       # Entering stage s: grow the finished stage's model by one chain (logits unchanged).
       _, init = expand(prev[0].model_config(), prev[1]["params"], cfg.stages[s].add_chain,
@@ -91,8 +98,6 @@ def train_progressive(cfg: TrainConfig, *, stop_after: int | None = None, progre
     print(f"stage {s}: chains {scfg.model_config().chains} (d_model "
           f"{scfg.model_config().d_model}), {scfg.steps} steps, {scfg.freeze_chains} frozen")
     result = train(scfg, stop_after=budget, progress=progress, data=data, init_params=init)
-    if "val_loss" not in result:  # resumed at the stage's end: nothing ran
-      result["val_loss"] = _last_val_loss(run_dir / scfg.name)
     summary.append({"stage": s, "chains": list(scfg.model_config().chains),
                     "d_model": scfg.model_config().d_model, "steps": result["step"],
                     "val_loss": result.get("val_loss")})

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from colm.colm import cross_entropy, freeze, multiscale_loss, multiscale_losses, trainable_mask
 from colm.config import ModelConfig
@@ -30,11 +31,20 @@ from colm.mesh import batch_sharding, make_mesh, param_sharding, tree_shardings 
 from colm.model import Decoder
 from colm.params import ParamCodec, Params
 from experiments.checkpoint import CheckpointError, Checkpoints
-from experiments.config import TrainConfig, to_yaml
+from experiments.config import ConfigError, TrainConfig, config_diff, to_yaml
+from experiments.divergence import (
+  Divergence,
+  Guard,
+  init_guard,
+  make_guarded_step,
+  rollback_target,
+  what_failed,
+)
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN or Inf."""
+  """A step's loss or gradient norm was not finite, or the loss spiked; its update was not
+  applied (experiments.divergence)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +107,22 @@ class TrainState:
   step: int
   params: Params
   opt_state: Any
+  guard: Guard | None = None  # divergence check state (experiments.divergence); None: fresh
+  lr_scale: float = 1.0  # learning-rate multiplier (lowered by each rollback)
+  batch_offset: int = 0  # step s reads batch s + batch_offset (rollbacks skip batches)
+  rollbacks: int = 0
+
+  def meta(self) -> dict[str, Any]:
+    """What a checkpoint stores besides the arrays, so a resumed run continues exactly."""
+    g = self.guard or init_guard()
+    return {"step": self.step, "lr_scale": self.lr_scale, "batch_offset": self.batch_offset,
+            "rollbacks": self.rollbacks, "loss_ema": float(g["ema"]), "loss_count": int(g["count"])}
+
+  @classmethod
+  def from_checkpoint(cls, step: int, state: dict[str, Any], meta: dict[str, Any]) -> TrainState:
+    return cls(step, state["params"], state["opt_state"],
+               init_guard(meta.get("loss_ema", 0.0), meta.get("loss_count", 0)),
+               meta.get("lr_scale", 1.0), meta.get("batch_offset", 0), meta.get("rollbacks", 0))
 
 
 class Trainer:
@@ -118,7 +144,10 @@ class Trainer:
     self.param_shardings = tree_shardings(abstract, self.mesh)
     self.batch_sharding = batch_sharding(self.mesh)
     self.loss_fn = make_loss_fn(self.codec, scale_weights=cfg.scale_weights)
-    self._step = jax.jit(make_train_step(self.loss_fn, self.tx), donate_argnums=(0, 1))
+    self._step = jax.jit(make_guarded_step(self.loss_fn, self.tx, cfg.divergence_spike,
+                                           cfg.divergence_window), donate_argnums=(0, 1, 2))
+    self._init = None
+    self._replicated = NamedSharding(self.mesh, P())
     # Validation: the cross-entropy of every chain scale from one forward (the last is the model).
     self._eval = jax.jit(lambda params, batch: multiscale_losses(self.codec.merge(params), batch))
 
@@ -131,12 +160,14 @@ class Trainer:
           jax.eval_shape(self.tx.init, params)))(params)
       return TrainState(0, params, opt_state)
 
-    def init():
-      params = self.codec.params(Decoder(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed)))
-      return params, self.tx.init(params)
-    abstract_p, abstract_o = jax.eval_shape(init)
-    opt_shardings = self._opt_shardings(abstract_o)
-    params, opt_state = jax.jit(init, out_shardings=(self.param_shardings, opt_shardings))()
+    if self._init is None:  # compiled once (a rollback to step 0 initialises again)
+      def init():
+        params = self.codec.params(Decoder(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed)))
+        return params, self.tx.init(params)
+      abstract_p, abstract_o = jax.eval_shape(init)
+      opt_shardings = self._opt_shardings(abstract_o)
+      self._init = jax.jit(init, out_shardings=(self.param_shardings, opt_shardings))
+    params, opt_state = self._init()
     return TrainState(0, params, opt_state)
 
   def _opt_shardings(self, abstract_opt):
@@ -186,9 +217,17 @@ class Trainer:
     return data.batch(split, step, cfg.batch_size, cfg.seq_len, cfg.seed, rows=self.local_rows)
 
   def step(self, state: TrainState, batch: np.ndarray) -> tuple[TrainState, dict]:
+    """One guarded step: metrics["ok"] False means the update was not applied (and no later
+    one will be until the guard is reset)."""
+    # Placed like the step's outputs, so a fresh or restored guard does not recompile the step.
+    guard = jax.device_put(init_guard() if state.guard is None else state.guard,
+                           self._replicated)
     with jax.set_mesh(self.mesh):
-      params, opt_state, metrics = self._step(state.params, state.opt_state, self.put_batch(batch))
-    return TrainState(state.step + 1, params, opt_state), metrics
+      params, opt_state, guard, metrics = self._step(
+          state.params, state.opt_state, guard, self.put_batch(batch),
+          np.float32(state.lr_scale))
+    return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state,
+                               guard=guard), metrics
 
   def eval_loss(self, params: Params, batch: np.ndarray) -> jax.Array:
     return self.eval_scale_losses(params, batch)[-1]
@@ -272,11 +311,20 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 
 def prepare_data(cfg: TrainConfig, progress: bool = True):
+  """The run's Dataset; ConfigError when a split is too short for one batch (before any step
+  and before the run folder is created)."""
   from experiments.data import DataConfig, prepare
   d = cfg.data
-  return prepare(DataConfig(source=d.source, vocab_size=cfg.model_config().vocab_size,
+  data = prepare(DataConfig(source=d.source, vocab_size=cfg.model_config().vocab_size,
                             val_fraction=d.val_fraction, max_bytes=d.max_bytes,
-                            cache_dir=d.cache_dir), progress=progress)
+                            cache_dir=d.cache_dir, tokenizer=d.tokenizer), progress=progress)
+  for split in ("train", "val"):
+    n = data.tokens(split).shape[0]
+    if n < cfg.seq_len + 1:
+      raise ConfigError(f"data.source: the {split} split of {d.source} has {n} tokens, fewer "
+                        f"than seq_len + 1 = {cfg.seq_len + 1}; use a bigger corpus (or "
+                        "data.val_fraction) or a shorter seq_len")
+  return data
 
 
 def evaluate(trainer: Trainer, params: Params, data, batches: int, step_offset: int = 0,
@@ -289,16 +337,29 @@ def evaluate(trainer: Trainer, params: Params, data, batches: int, step_offset: 
   return mean if per_scale else float(mean[-1])
 
 
-def check_run_config(run_dir: Path, cfg: TrainConfig) -> None:
-  """A run folder may only be resumed with the same model: anything else is an error."""
+def check_run_config(run_dir: Path, cfg: TrainConfig) -> list[str]:
+  """A run folder may only be resumed with the same model: a different one is an error naming
+  each differing key. Returns the other differences (lr, steps ...), which a resume takes."""
   saved = run_dir / "config.yaml"
   if not saved.exists():
-    return
+    return []
   from experiments.config import load_config
   old = load_config(saved)
-  if old.model_config() != cfg.model_config():
-    raise CheckpointError(f"{run_dir} holds a run of a different model configuration; choose "
-                          "another name= or delete the folder")
+  diff = config_diff(old, cfg)
+  model = [d for d in diff if d.startswith("model.")]
+  if model:
+    raise CheckpointError(f"{run_dir} holds a run of a different model configuration "
+                          f"({'; '.join(model)}); choose another name= or delete the folder")
+  return diff
+
+
+def last_val_loss(run_dir: Path) -> float | None:
+  """The newest val_loss in a run's metrics.jsonl (a finished run evaluates nothing again)."""
+  path = Path(run_dir) / "metrics.jsonl"
+  rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] \
+      if path.exists() else []
+  vals = [r["val_loss"] for r in rows if "val_loss" in r]
+  return vals[-1] if vals else None
 
 
 def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = True,
@@ -313,13 +374,16 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
     data: a prepared experiments.data.Dataset (built from cfg.data when None).
     init_params: start from these parameters instead of a fresh init (ignored on resume).
   Returns:
-    {"step", "val_loss", "run_dir", ...} of the last evaluation.
+    {"step", "val_loss", "run_dir", ...} of the last evaluation (a finished run: its last one).
+  Raises:
+    TrainingDiverged: a step failed the divergence check (cfg.on_divergence='stop', or every
+      rollback was used); its pre-update state is saved as a checkpoint first.
   """
   if cfg.stages:
     from experiments.progressive import train_progressive
     return train_progressive(cfg, stop_after=stop_after, progress=progress, data=data)
   run_dir = Path(cfg.out_dir) / cfg.name
-  check_run_config(run_dir, cfg)
+  changed = check_run_config(run_dir, cfg)
   trainer = Trainer(cfg)
   data = data or prepare_data(cfg, progress)
   if _is_main():
@@ -328,9 +392,10 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
     data.tokenizer.save(str(run_dir / "tokenizer.json"))
   ckpt = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
   if ckpt.latest_step() is not None:
-    step, restored, _ = ckpt.restore(trainer.abstract_state())
-    state = TrainState(step, restored["params"], restored["opt_state"])
-    print(f"resuming {run_dir} from step {step}")
+    step, restored, meta = ckpt.restore_newest(trainer.abstract_state())
+    state = TrainState.from_checkpoint(step, restored, meta)
+    print(f"resuming {run_dir} from step {step}"
+          + (f" with changed settings: {'; '.join(changed)}" if changed else ""))
   else:
     state = trainer.init_state(init_params)
   log = _Logger(run_dir, state.step)
@@ -352,56 +417,102 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
   t_last, step_last = time.time(), state.step
   result: dict[str, Any] = {"run_dir": str(run_dir)}
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+  last_target = None  # the previous rollback's checkpoint, until a newer one is saved
+
+  def save(st: TrainState, **extra) -> None:
+    ckpt.save(st.step, {"params": st.params, "opt_state": st.opt_state},
+              {**st.meta(), "model": dataclasses.asdict(mc), **extra})
 
   def flush():
-    """Fetches pending step metrics (one host sync), checks them, logs them."""
+    """Fetches pending step metrics (one host sync), checks them, logs them; raises Divergence
+    at the first step whose update was not applied."""
     nonlocal t_last, step_last
     if not pending:
       return
     rows = [(s, {k: float(v) for k, v in m.items()}) for s, m in pending]
     pending.clear()
-    for s, m in rows:
-      if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-        raise TrainingDiverged(
-            f"loss is {m['loss']} at step {s} (grad norm {m['grad_norm']}); stopped. The last good "
-            f"checkpoint (step {ckpt.latest_step()}) in {run_dir} is intact: lower lr or "
-            "resume from it")
+    bad = next(((s, m) for s, m in rows if not m["ok"]), None)
+    rows = [(s, m) for s, m in rows if m["ok"]]
     now = time.time()
-    tok_s = (state.step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+    tok_s = len(rows) * tokens_per_step / max(now - t_last, 1e-9)
     t_last, step_last = now, state.step
-    s, m = rows[-1]
-    row = {"step": s, "loss": m["loss"], "grad_norm": m["grad_norm"],
-           "lr": float(lr_schedule(cfg)(s - 1)),
-           "tokens_per_s": tok_s, "elapsed_s": now - t_start}
-    if on_gpu:
-      row["mfu"] = tok_s / tokens_per_step * flops_per_step / (cfg.peak_tflops * 1e12)
-    log.log(row)
-    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+    if rows:
+      s, m = rows[-1]
+      row = {"step": s, "loss": m["loss"], "grad_norm": m["grad_norm"],
+             "lr": float(lr_schedule(cfg)(s - 1)) * state.lr_scale,
+             "tokens_per_s": tok_s, "elapsed_s": now - t_start}
+      if on_gpu:
+        row["mfu"] = tok_s / tokens_per_step * flops_per_step / (cfg.peak_tflops * 1e12)
+      log.log(row)
+      bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+    if bad is not None:
+      raise Divergence(bad[0], what_failed(bad[1], cfg.divergence_spike))
+
+  def diverged(d: Divergence) -> TrainState:
+    """The state to continue from after a failed step (rollback), or raises TrainingDiverged."""
+    nonlocal last_target
+    # The guard skipped every update from the failed step on: state holds the state before it.
+    pre = dataclasses.replace(state, step=d.step - 1, guard=dict(state.guard, ok=np.True_))
+    if cfg.on_divergence == "rollback" and state.rollbacks < cfg.max_rollbacks:
+      target = rollback_target(ckpt.verified_steps(), d.step, last_target)
+      for s in ckpt.all_steps():  # the diverging trajectory's checkpoints are dropped
+        if s > target:
+          ckpt.manager.delete(s)
+      if target > 0:
+        st = TrainState.from_checkpoint(*ckpt.restore(trainer.abstract_state(), target))
+      else:
+        st = dataclasses.replace(trainer.init_state(init_params), batch_offset=state.batch_offset,
+                                 lr_scale=state.lr_scale, rollbacks=state.rollbacks)
+      skip = d.step - target  # the batches that led to the divergence
+      st = dataclasses.replace(st, lr_scale=state.lr_scale * cfg.rollback_lr_factor,
+                               batch_offset=state.batch_offset + skip,
+                               rollbacks=state.rollbacks + 1)
+      last_target = target
+      msg = (f"divergence at {d}; rolled back to step {target}, learning rate x "
+             f"{st.lr_scale:g}, skipping {skip} batches (rollback {st.rollbacks} of "
+             f"{cfg.max_rollbacks})")
+      bar.write(msg)
+      log.log({"step": target, "rollback": st.rollbacks, "diverged_at": d.step,
+               "lr_scale": st.lr_scale})
+      bar.n = target
+      return st
+    save(pre, diverged_at=d.step)
+    tried = f" after {state.rollbacks} rollbacks" if state.rollbacks else ""
+    raise TrainingDiverged(
+        f"divergence at {d}; stopped{tried} before applying its update. The newest checkpoint "
+        f"that is finite and passed the check is step {pre.step} in {ckpt.directory} (the state "
+        f"before step {d.step}): resume with a lower lr (now {cfg.lr * state.lr_scale:g}) or "
+        "with on_divergence=rollback")
 
   try:
     while state.step < end:
-      batch = trainer.load_batch(data, "train", state.step)
-      state, metrics = trainer.step(state, batch)
-      pending.append((state.step, metrics))
-      bar.update(1)
-      out_of_time = cfg.max_minutes and (time.time() - t_start) > 60 * cfg.max_minutes
-      last = state.step == end or out_of_time
-      if state.step % cfg.log_every == 0 or last:
-        flush()
-      if state.step % cfg.eval_every == 0 or last:
-        flush()
-        vals = evaluate(trainer, state.params, data, cfg.eval_batches, per_scale=True)
-        val = float(vals[-1])
-        row = {"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
-        if len(vals) > 1:  # CoLM: every nested sub-model's loss (chains 1..k)
-          row["val_loss_scales"] = [float(v) for v in vals]
-        log.log(row)
-        result.update(step=state.step, val_loss=val)
-        bar.write(f"step {state.step}: val loss {val:.4f}")
-      if state.step % cfg.save_every == 0 or last:
-        flush()
-        ckpt.save(state.step, {"params": state.params, "opt_state": state.opt_state},
-                  {"step": state.step, "model": dataclasses.asdict(mc)})
+      try:
+        batch = trainer.load_batch(data, "train", state.step + state.batch_offset)
+        state, metrics = trainer.step(state, batch)
+        pending.append((state.step, metrics))
+        bar.update(1)
+        out_of_time = cfg.max_minutes and (time.time() - t_start) > 60 * cfg.max_minutes
+        last = state.step == end or out_of_time
+        if state.step % cfg.log_every == 0 or last:
+          flush()
+        if state.step % cfg.eval_every == 0 or last:
+          flush()
+          vals = evaluate(trainer, state.params, data, cfg.eval_batches, per_scale=True)
+          val = float(vals[-1])
+          row = {"step": state.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))}
+          if len(vals) > 1:  # CoLM: every nested sub-model's loss (chains 1..k)
+            row["val_loss_scales"] = [float(v) for v in vals]
+          log.log(row)
+          result.update(step=state.step, val_loss=val)
+          bar.write(f"step {state.step}: val loss {val:.4f}")
+        if state.step % cfg.save_every == 0 or last:
+          flush()
+          save(state)
+          last_target = None
+      except Divergence as d:
+        pending.clear()
+        state = diverged(d)
+        continue
       if out_of_time and not state.step == end:
         bar.write(f"max_minutes={cfg.max_minutes} reached at step {state.step}; stopping "
                   "(run again to resume)")
@@ -412,6 +523,8 @@ def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = T
     ckpt.close()
   if _is_main():
     plot_losses(run_dir)
+  if "val_loss" not in result:  # resumed at the run's end: nothing ran, report the last one
+    result["val_loss"] = last_val_loss(run_dir)
   result["step"] = state.step
   result["params"] = state.params
   result["trainer"] = trainer
@@ -437,7 +550,8 @@ def load_run(run_dir: str | Path, step: int | None = None):
   trainer = Trainer(cfg, mesh=make_mesh(-1, 1))
   ckpt = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
   try:
-    step, state, _ = ckpt.restore(trainer.abstract_state(), step)
+    step, state, _ = ckpt.restore_newest(trainer.abstract_state(), step)
   finally:
     ckpt.close()
-  return cfg, trainer.model(state["params"]), load_tokenizer(run_dir / "tokenizer.json"), step
+  tok = load_tokenizer(run_dir / "tokenizer.json", strict=cfg.data.tokenizer is None)
+  return cfg, trainer.model(state["params"]), tok, step

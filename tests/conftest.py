@@ -78,3 +78,132 @@ def cpu_devices():
   """run(code, *args, n=8) -> stdout of code run with n simulated CPU devices
   (run_on_cpu_devices)."""
   return run_on_cpu_devices
+
+
+# --- Hugging Face LLaMA-family folders written the way transformers saves them ---------------
+
+HF_TINY = {
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=320,
+                  hidden_size=40, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=10, intermediate_size=56, rms_norm_eps=1e-5,
+                  rope_theta=500000.0, max_position_embeddings=64, tie_word_embeddings=False,
+                  hidden_act="silu", eos_token_id=0,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 16}),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=320,
+                  hidden_size=36, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, intermediate_size=44, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=True,
+                  hidden_act="silu", use_sliding_window=False, sliding_window=None,
+                  eos_token_id=0),
+}
+
+
+def hf_tensors(hf: dict, seed: int) -> dict[str, np.ndarray]:
+  """Random float32 weights of a LLaMA-family config in the Hugging Face naming ([out, in])."""
+  rng = np.random.default_rng(seed)
+  d, v, f = hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"]
+  h, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
+  e = hf.get("head_dim") or d // h
+  qwen = hf["model_type"] == "qwen2"
+
+  def w(*shape):
+    return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+
+  def norm(n):
+    return (1.0 + 0.2 * rng.standard_normal(n)).astype(np.float32)
+
+  out = {"model.embed_tokens.weight": rng.standard_normal((v, d)).astype(np.float32),
+         "model.norm.weight": norm(d)}
+  if not hf["tie_word_embeddings"]:
+    out["lm_head.weight"] = w(v, d)
+  for i in range(hf["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    out.update({p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight":
+                norm(d), p + "self_attn.q_proj.weight": w(h * e, d),
+                p + "self_attn.k_proj.weight": w(kv * e, d),
+                p + "self_attn.v_proj.weight": w(kv * e, d),
+                p + "self_attn.o_proj.weight": w(d, h * e), p + "mlp.gate_proj.weight": w(f, d),
+                p + "mlp.up_proj.weight": w(f, d), p + "mlp.down_proj.weight": w(d, f)})
+    if qwen:
+      for n, k in (("q", h), ("k", kv), ("v", kv)):
+        out[p + f"self_attn.{n}_proj.bias"] = (0.3 * rng.standard_normal(k * e)).astype(
+            np.float32)
+  return out
+
+
+def write_hf_folder(path, hf: dict, tensors: dict[str, np.ndarray], shards: int = 2):
+  """config.json, `shards` safetensors files (+ index when > 1) and a byte-level BPE
+  tokenizer.json, written with the safetensors and tokenizers packages."""
+  import json
+  from pathlib import Path
+
+  import tokenizers
+  from safetensors.numpy import save_file
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(json.dumps(hf))
+  names = list(tensors)
+  if shards == 1:
+    save_file(tensors, str(path / "model.safetensors"))
+  else:
+    wmap = {}
+    for i in range(shards):
+      fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+      part = {n: tensors[n] for n in names[i::shards]}
+      save_file(part, str(path / fname), metadata={"format": "pt"})
+      wmap.update({n: fname for n in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": wmap}))
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(["def main(x):\n    return x + 1\n"] * 20, trainer=trainers.BpeTrainer(
+      vocab_size=290, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  tok.save(str(path / "tokenizer.json"))
+  return path
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+  """make(kind, seed=0, shards=2, **config overrides) -> (folder, config dict, tensors)."""
+  def make(kind: str, seed: int = 0, shards: int = 2, **overrides):
+    hf = {**HF_TINY[kind], **overrides}
+    tensors = hf_tensors(hf, seed)
+    root = tmp_path_factory.mktemp(f"hf_{kind}")
+    return write_hf_folder(root / "model", hf, tensors, shards), hf, tensors
+  return make
+
+
+# --- tiny training runs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  """A small text folder: a few 'files' of generated Python-like text."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  words = ["def", "return", "self", "value", "for", "in", "range", "if", "else", "print", "x",
+           "y", "data", "items", "class", "import", "None", "True", "(", ")", ":", "=", "+"]
+  for i in range(12):
+    lines = [" ".join(rng.choice(words, size=rng.integers(3, 10))) for _ in range(300)]
+    (root / f"f{i:02d}.py").write_text("\n".join(lines))
+  return root
+
+
+def _tiny_config(tmp_path, corpus, name: str = "run", *extra: str):
+  from experiments.config import load_config
+  return load_config(None, [
+      f"name={name}", f"out_dir={tmp_path / 'runs'}", "model.preset=tiny", "model.vocab_size=320",
+      "model.max_seq_len=32", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+      "steps=6", "batch_size=4", "seq_len=32", "warmup_steps=2", "log_every=1", "eval_every=3",
+      "eval_batches=2", "save_every=3", "sample_tokens=4", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """make(tmp_path, corpus, name='run', *overrides) -> the TrainConfig of a 6-step tiny run."""
+  return _tiny_config

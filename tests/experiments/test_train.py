@@ -9,18 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments.checkpoint import CheckpointError, Checkpoints
+from experiments.checkpoint import CheckpointError
 from experiments.cli import main as cli_main
 from experiments.config import ConfigError, load_config
-from experiments.train import Trainer, TrainingDiverged, load_run, train
-
-
-def tiny_config(tmp_path: Path, corpus: Path, name: str = "run", *extra: str):
-  return load_config(None, [
-      f"name={name}", f"out_dir={tmp_path / 'runs'}", "model.preset=tiny", "model.vocab_size=320",
-      "model.max_seq_len=32", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
-      "steps=6", "batch_size=4", "seq_len=32", "warmup_steps=2", "log_every=1", "eval_every=3",
-      "eval_batches=2", "save_every=3", "sample_tokens=4", *extra])
+from experiments.train import load_run, train
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -28,7 +20,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_resume_is_exact(tmp_path, corpus):
+def test_resume_is_exact(tmp_path, corpus, tiny_config):
   full = train(tiny_config(tmp_path, corpus, "full"), progress=False)
   cfg = tiny_config(tmp_path, corpus, "killed")
   first = train(cfg, stop_after=3, progress=False)
@@ -44,34 +36,18 @@ def test_resume_is_exact(tmp_path, corpus):
   assert list((Path(resumed["run_dir"]) / "tb").iterdir())  # TensorBoard events
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus, monkeypatch):
-  cfg = tiny_config(tmp_path, corpus, "nan", "steps=8", "save_every=2", "log_every=4")
-  real_step = Trainer.step
-
-  def poisoned(self, state, batch):
-    state, metrics = real_step(self, state, batch)
-    if state.step == 5:
-      metrics = {**metrics, "loss": metrics["loss"] * np.nan}
-    return state, metrics
-
-  monkeypatch.setattr(Trainer, "step", poisoned)
-  with pytest.raises(TrainingDiverged, match="step 5"):
-    train(cfg, progress=False)
-  run_dir = tmp_path / "runs" / "nan"
-  ckpt = Checkpoints(run_dir / "checkpoints")
-  assert ckpt.latest_step() == 4
-  ckpt.close()
-  _, model, _, step = load_run(run_dir)
-  assert step == 4
-
-
-def test_run_folder_errors(tmp_path, corpus):
+def test_run_folder_errors(tmp_path, corpus, tiny_config):
   cfg = tiny_config(tmp_path, corpus, "errs", "steps=3")
   train(cfg, progress=False)
   run_dir = tmp_path / "runs" / "errs"
+  # A finished run run again trains nothing and reports its real last validation loss.
+  again = train(cfg, progress=False)
+  rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert again["val_loss"] == [r["val_loss"] for r in rows if "val_loss" in r][-1]
   # A different model under the same name is refused before anything is written.
   before = (run_dir / "config.yaml").read_text()
-  with pytest.raises(CheckpointError, match="different model"):
+  with pytest.raises(CheckpointError, match="different model.*model.d_model: stored 48, "
+                     "requested 24"):
     train(tiny_config(tmp_path, corpus, "errs", "model.d_model=24", "model.head_dim=6"),
           progress=False)
   assert (run_dir / "config.yaml").read_text() == before
@@ -81,8 +57,17 @@ def test_run_folder_errors(tmp_path, corpus):
   for f in (run_dir / "checkpoints" / "3").rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
       f.write_bytes(b"garbage")
-  with pytest.raises(CheckpointError, match="cannot be restored|does not match"):
+  with pytest.raises(CheckpointError, match="steps 3 all failed verification"):
     load_run(run_dir)
+
+
+def test_too_short_split_is_rejected_before_the_run_folder(tmp_path, tiny_config):
+  text = tmp_path / "one.py"
+  text.write_text("def f(x):\n    return x\n" * 40)
+  cfg = tiny_config(tmp_path, text, "short")
+  with pytest.raises(ConfigError, match="the val split .* fewer than seq_len \\+ 1 = 33"):
+    train(cfg, progress=False)
+  assert not (tmp_path / "runs" / "short").exists()
 
 
 def test_cli_train_eval_generate_and_errors(tmp_path, corpus, capsys):
