@@ -55,6 +55,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r".*\.ffn\.(gate|up)\.kernels\.\d+", ("embed", "ffn")),  # column-parallel [D_<=i, F_i]
     (r".*\.ffn\.down\.kernels\.\d+", ("ffn", "embed")),  # row-parallel [F_<=i, D_i]
     (r"(.*\.)?\w*norm\.scale", ("norm",)),  # [D], replicated: tiny
+    (r".*\.attn\.[qkv]_bias", ("norm",)),  # [H E] / [K E] (Qwen's q/k/v bias), replicated: tiny
 )
 # KV cache leaf (kvcache.cache field name) -> logical axes: batch over data, head groups' KV
 # heads over tensor (the heads a device's query heads read, so attention stays local).

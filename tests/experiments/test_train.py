@@ -120,7 +120,7 @@ SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from experiments.checkpoint import Checkpoints
     from experiments.config import load_config
-    from experiments.train import Trainer, make_mesh, make_train_step
+    from experiments.train import Trainer, make_guarded_step, make_mesh
     assert jax.device_count() == 8, jax.devices()
     out_dir, steps = sys.argv[1], 5
     # warmup_steps=0: full lr from step 1 (with warm-up from 0 the first update is 0). Adam's eps
@@ -137,8 +137,9 @@ SHARDED = textwrap.dedent("""
       t = Trainer(cfg, mesh=mesh)
       if plant:  # value L, gradient 2 dL: a reduction that sums two shards instead of averaging
         f = t.loss_fn
-        t._step = jax.jit(make_train_step(
-            lambda p, b: 2 * f(p, b) - jax.lax.stop_gradient(f(p, b)), t.tx), donate_argnums=(0, 1))
+        t._step = jax.jit(make_guarded_step(
+            lambda p, b: 2 * f(p, b) - jax.lax.stop_gradient(f(p, b)), t.tx,
+            cfg.divergence_spike, cfg.divergence_window), donate_argnums=(0, 1, 2))
       s = t.init_state()
       rows = {"params": [np.concatenate([np.ravel(v) for v in s.params.values()])]}
       for b in batches:
