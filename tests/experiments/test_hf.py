@@ -212,3 +212,30 @@ def test_logits_match_transformers(hf_folder, tmp_path):
     _, model, _, _ = load_run(import_hf(folder, tmp_path / kind, progress=False))
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), want, rtol=1e-4,
                                atol=1e-4, err_msg=kind)
+
+
+def test_progressive_stages_start_from_an_imported_run(imported, corpus, tmp_path):
+  """stages[0].init_from = an imported LLaMA run (taken as it is, steps 0), then a chain is
+  added and trained with chain 1 frozen: the grown model's 1-chain sub-model is still exactly
+  the imported model (CoLM's expansion of an existing LLaMA by a chain)."""
+  from experiments.config import load_config
+  from experiments.progressive import train_progressive
+  kind, _, hf, _, out = imported
+  if kind != "llama":
+    pytest.skip("one architecture is enough for the stage plumbing")
+  yaml = tmp_path / "grow.yaml"
+  yaml.write_text(
+      f"name: grown\nout_dir: {tmp_path / 'runs'}\ndata:\n  source: {corpus}\n"
+      f"  cache_dir: {tmp_path / 'cache'}\nsteps: 2\nbatch_size: 2\nseq_len: 16\n"
+      "warmup_steps: 0\nlog_every: 1\neval_every: 2\neval_batches: 1\nsave_every: 2\n"
+      f"sample_tokens: 2\nstages:\n  - init_from: {out}\n    steps: 0\n"
+      "  - add_chain: 40\n    steps: 2\n")
+  cfg = load_config(yaml, [])
+  result = train_progressive(cfg, progress=False)
+  assert [s["chains"] for s in result["stages"]] == [[1], [1, 1]]
+  _, grown, _, _ = load_run(tmp_path / "runs" / "grown" / "stage1")
+  _, base, _, _ = load_run(out)
+  tokens = jnp.asarray(np.random.default_rng(SEED).integers(0, hf["vocab_size"], (2, 11)))
+  np.testing.assert_allclose(np.asarray(grown(tokens, num_chains=1)), np.asarray(base(tokens)),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.asarray(grown(tokens)), np.asarray(base(tokens)), atol=1e-3)
