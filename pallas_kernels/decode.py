@@ -177,18 +177,17 @@ def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_
   return o[:, :, :G].astype(q.dtype), lse[:, :, :G]
 
 
-def _check_inputs(q, k, v, pos, q_pos, mask):
-  """ValueError on any disagreement of shapes or dtypes; returns (B, K, G, E, N)."""
+def check_cache_slots(q, k, v, pos) -> int:
+  """The checks every kernel over the cache layout shares (q already of the right rank, its
+  batch, KV heads and head dim first, second and last): float q / k / v, k and v alike [B, K,
+  N, E] and agreeing with q, pos int [B, K, N]. Returns N; a ValueError names what disagrees."""
   for name, x in (("q", q), ("k", k), ("v", v)):
-    if getattr(x, "ndim", None) != 4:
-      raise ValueError(f"{name} must be 4-D ({'[B, K, G, E]' if name == 'q' else '[B, K, N, E]'}),"
-                       f" got shape {getattr(x, 'shape', None)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
   if k.shape != v.shape or k.dtype != v.dtype:
     raise ValueError(f"k {k.shape} {k.dtype} and v {v.shape} {v.dtype} must agree in shape and "
                      "dtype")
-  B, K, G, E = q.shape
+  B, K, E = q.shape[0], q.shape[1], q.shape[-1]
   N = k.shape[2]
   if (k.shape[0], k.shape[1], k.shape[3]) != (B, K, E):
     raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in batch, kv_heads or "
@@ -196,6 +195,17 @@ def _check_inputs(q, k, v, pos, q_pos, mask):
   if getattr(pos, "shape", None) != (B, K, N) or not jnp.issubdtype(pos.dtype, jnp.integer):
     raise ValueError(f"pos must be an int [B={B}, K={K}, N={N}] array, got "
                      f"{getattr(pos, 'shape', None)} {getattr(pos, 'dtype', None)}")
+  return N
+
+
+def _check_inputs(q, k, v, pos, q_pos, mask):
+  """ValueError on any disagreement of shapes or dtypes; returns (B, K, G, E, N)."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name} must be 4-D ({'[B, K, G, E]' if name == 'q' else '[B, K, N, E]'}),"
+                       f" got shape {getattr(x, 'shape', None)}")
+  N = check_cache_slots(q, k, v, pos)
+  B, K, G, E = q.shape
   if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
     raise ValueError(f"q_pos must be an int [B={B}] array, got {getattr(q_pos, 'shape', None)} "
                      f"{getattr(q_pos, 'dtype', None)}")

@@ -42,6 +42,7 @@ from pallas_kernels.block_sparse import (
     _pltriton,
     default_interpret,
 )
+from pallas_kernels.decode import check_cache_slots
 from pallas_kernels.merge import masked_softmax
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
@@ -169,20 +170,8 @@ def _check_inputs(q, k, v, pos, q_pos):
   for name, x in (("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
       raise ValueError(f"{name} must be 4-D [B, K, N, E], got shape {getattr(x, 'shape', None)}")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a float array, got dtype {x.dtype}")
-  if k.shape != v.shape or k.dtype != v.dtype:
-    raise ValueError(f"k {k.shape} {k.dtype} and v {v.shape} {v.dtype} must agree in shape and "
-                     "dtype")
+  N = check_cache_slots(q, k, v, pos)
   B, K, G, T, E = q.shape
-  N = k.shape[2]
-  if (k.shape[0], k.shape[1], k.shape[3]) != (B, K, E):
-    raise ValueError(f"k shape {k.shape} does not match q shape {q.shape} in batch, kv_heads or "
-                     "head_dim")
-  if getattr(pos, "shape", None) != (B, K, N) or not jnp.issubdtype(pos.dtype, jnp.integer):
-    raise ValueError(f"pos must be an int [B={B}, K={K}, N={N}] array, got "
-                     f"{getattr(pos, 'shape', None)} {getattr(pos, 'dtype', None)}")
   if getattr(q_pos, "shape", None) != (B, T) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
     raise ValueError(f"q_pos must be an int [B={B}, T={T}] array, got "
                      f"{getattr(q_pos, 'shape', None)} {getattr(q_pos, 'dtype', None)}")
