@@ -79,10 +79,11 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
   vp = jnp.zeros((k, pages, page_size, e), dt).at[:, perm].set(
       vc.reshape(b, k, w, page_size, e).transpose(1, 0, 2, 3, 4))
   tables = jnp.asarray(perm)
-  contiguous = time_ms(jax.jit(cache_decode_attention), (q, kc, vc, pos, q_pos), repeats)
-  paged = time_ms(jax.jit(paged_decode_attention), (q, kp, vp, tables, q_pos), repeats)
-  a = jax.jit(cache_decode_attention)(q, kc, vc, pos, q_pos)[0]
-  c = jax.jit(paged_decode_attention)(q, kp, vp, tables, q_pos)[0]
+  contiguous_fn, paged_fn = jax.jit(cache_decode_attention), jax.jit(paged_decode_attention)
+  contiguous = time_ms(contiguous_fn, (q, kc, vc, pos, q_pos), repeats)
+  paged = time_ms(paged_fn, (q, kp, vp, tables, q_pos), repeats)
+  a = contiguous_fn(q, kc, vc, pos, q_pos)[0]
+  c = paged_fn(q, kp, vp, tables, q_pos)[0]
   err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - c.astype(jnp.float32))))
   # Shared prefix: groups x per_group sequences, decode queries; the pool holds each group's
   # prefix pages once and every sequence's suffix pages.
@@ -95,8 +96,8 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
   full_tables = jnp.asarray(np.concatenate([np.repeat(pre, per_group, 0), suf], 1), jnp.int32)
   qs = jnp.asarray(rng.standard_normal((ns, k, g, e)), dt)
   per_seq = jax.jit(paged_decode_attention)
-  t_per = time_ms(per_seq, (qs, kpool, vpool, full_tables,
-                            jnp.full((ns,), prefix + suffix - 1, jnp.int32)), repeats)
+  per_args = (qs, kpool, vpool, full_tables, jnp.full((ns,), prefix + suffix - 1, jnp.int32))
+  t_per = time_ms(per_seq, per_args, repeats)
 
   @jax.jit
   def shared(qs, kpool, vpool):
@@ -116,7 +117,7 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
     return merge_attention(o_p, lse_p, o_s, lse_s)
 
   t_shared = time_ms(shared, (qs, kpool, vpool), repeats)
-  o_ref = per_seq(qs, kpool, vpool, full_tables, jnp.full((ns,), prefix + suffix - 1, jnp.int32))
+  o_ref = per_seq(*per_args)
   o_sh = shared(qs, kpool, vpool)
   shared_err = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
       jnp.float32))))
