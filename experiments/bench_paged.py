@@ -24,11 +24,10 @@ from tqdm import tqdm
 
 from experiments.bench_attention import time_ms
 from experiments.results import write_results
-from kvcache.attention import slot_attention
+from kvcache.paged import prefix_groups, shared_paged_attention
 from kvcache.pool import PagePool
 from kvcache.radix import RadixTree
 from pallas_kernels.decode import cache_decode_attention, paged_decode_attention
-from pallas_kernels.merge import merge_attention
 
 
 def measure(groups: int, per_group: int, prefix: int, suffix: int, page_size: int,
@@ -99,22 +98,18 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
   per_args = (qs, kpool, vpool, full_tables, jnp.full((ns,), prefix + suffix - 1, jnp.int32))
   t_per = time_ms(per_seq, per_args, repeats)
 
+  groups_ = prefix_groups([(range(gi * per_group, (gi + 1) * per_group), pre[gi])
+                           for gi in range(groups)], ns, page_size)
+  positions = jnp.full((ns, 1), prefix + suffix - 1, jnp.int32)
+
   @jax.jit
   def shared(qs, kpool, vpool):
-    # The prefix once per group: all its sequences' query rows in one product.
-    pk = kpool[:, pre].reshape(k, groups, prefix, e).transpose(1, 0, 2, 3)  # [groups, K, Np, E]
-    pv = vpool[:, pre].reshape(k, groups, prefix, e).transpose(1, 0, 2, 3)
-    rows = qs.reshape(groups, per_group, k, g, e).transpose(0, 2, 1, 3, 4).reshape(
-        groups, k, 1, per_group * g, e)
-    ppos = jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), (groups, k, prefix))
-    o_p, lse_p, _ = slot_attention(rows, pk, pv, ppos, jnp.full((groups, per_group * g),
-                                                                prefix, jnp.int32))
-    o_p = o_p.reshape(groups, k, per_group, g, e).transpose(0, 2, 1, 3, 4).reshape(ns, k, g, e)
-    lse_p = lse_p.reshape(groups, k, per_group, g).transpose(0, 2, 1, 3).reshape(ns, k, g)
-    # Each sequence's own suffix through its pages.
-    o_s, lse_s = paged_decode_attention(qs, kpool, vpool, jnp.asarray(suf, jnp.int32),
-                                        jnp.full((ns,), suffix - 1, jnp.int32))
-    return merge_attention(o_p, lse_p, o_s, lse_s)
+    # kvcache's shared-prefix attention: each group's prefix pages once for all its sequences'
+    # query rows (the paged kernel with a group's rows as its rows), merged by log-sum-exp with
+    # each sequence's own pages after the prefix.
+    o, lse = shared_paged_attention(qs[:, None], kpool, vpool, full_tables, positions, groups_,
+                                    kernel=True)
+    return o[:, 0], lse[:, 0]
 
   t_shared = time_ms(shared, (qs, kpool, vpool), repeats)
   o_ref = per_seq(*per_args)
@@ -144,17 +139,22 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--quick", action="store_true", help="toy sizes for --speed (CPU)")
   args = ap.parse_args(argv)
   if args.speed:
-    kw = (dict(batch=2, context=256, kv_heads=2, group=3, head_dim=16, page_size=16, groups=2,
-               per_group=4, prefix=64, suffix=16, repeats=2) if args.quick else
-          dict(batch=32, context=8192, kv_heads=4, group=3, head_dim=64, page_size=64,
-               groups=64, per_group=16, prefix=2048, suffix=256, repeats=20))
-    r = speed(**kw)
-    path = write_results("paged_speed" + ("_quick" if args.quick else ""), {"rows": [r]},
+    kw = (dict(batch=2, context=256, kv_heads=2, group=3, head_dim=16, groups=2, per_group=4,
+               prefix=64, suffix=16, repeats=2) if args.quick else
+          dict(batch=32, context=8192, kv_heads=4, group=3, head_dim=64, groups=args.groups,
+               per_group=args.per_group, prefix=args.prefix, suffix=args.suffix, repeats=20))
+    sizes = [16] if args.quick else [int(x) for x in args.page_sizes.split(",")]
+    rows = [speed(page_size=ps, **kw) for ps in tqdm(sizes, desc="page sizes")]
+    path = write_results("paged_speed" + ("_quick" if args.quick else ""), {"rows": rows},
                          args.out)
-    print(f"paged / contiguous kernel speed {r['paged_over_contiguous_speed']:.2f}x "
-          f"(max diff {r['paged_max_abs_diff']:.3g}); shared-prefix speed-up "
-          f"{r['shared_prefix_speedup']:.2f}x\nwrote {path}")
-    return r
+    print(f"\n{'page':>5} {'contig ms':>10} {'paged ms':>9} {'paged/contig':>13} "
+          f"{'per-seq ms':>11} {'shared ms':>10} {'shared speed-up':>16}")
+    for r in rows:
+      print(f"{r['page_size']:5d} {r['contiguous_kernel_ms']:10.3f} {r['paged_kernel_ms']:9.3f} "
+            f"{r['paged_over_contiguous_speed']:12.2f}x {r['per_sequence_paged_ms']:11.3f} "
+            f"{r['shared_prefix_ms']:10.3f} {r['shared_prefix_speedup']:15.2f}x")
+    print(f"wrote {path}")
+    return {"rows": rows, "path": str(path)}
   rows = [measure(args.groups, args.per_group, args.prefix, args.suffix, int(s))
           for s in args.page_sizes.split(",")]
   path = write_results("paged_memory", {"rows": rows}, args.out)

@@ -5,12 +5,12 @@
 [B, Kg, N, E] and stored positions [B, Kg, N]; lengths [B]). Budgets are per layer and per KV
 head (`init_cache(..., budgets=...)`); compression methods are `Compression` policies. The
 paged pool (`PagePool`, `PagedKV`), the radix tree over it (`RadixTree`) and `generate_shared`
-share prompt prefixes across sequences.
+share prompt prefixes across sequences (`shared_paged_attention`: each group's prefix
+attended once). `kvcache.batchllm` groups a batch's prompts by shared prefix.
 """
 
 from kvcache.attention import (
   register_decode_attention,
-  shared_prefix_attention,
   slot_attention,
 )
 from kvcache.cache import (
@@ -32,14 +32,23 @@ from kvcache.decode import (
   prefill,
   prefill_chunked,
 )
-from kvcache.paged import PagedLayerCache, generate_shared, paged_decode_step, paged_prefill
+from kvcache.paged import (
+  PagedLayerCache,
+  PrefixGroups,
+  generate_shared,
+  paged_decode_step,
+  paged_prefill,
+  prefix_groups,
+  shared_paged_attention,
+)
 from kvcache.pool import OutOfPages, PagedKV, PagePool, copy_pages, init_paged_kv
 from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
 
 __all__ = ["Compression", "HeadGroup", "KVCache", "LayerCache", "OutOfPages", "PagePool",
-           "PagedKV", "PagedLayerCache", "RadixTree", "SamplingConfig", "apply_policy",
-           "copy_pages", "decode_loop", "decode_step", "free_slots", "generate",
+           "PagedKV", "PagedLayerCache", "PrefixGroups", "RadixTree", "SamplingConfig",
+           "apply_policy", "copy_pages", "decode_loop", "decode_step", "free_slots", "generate",
            "generate_shared", "init_cache", "init_paged_kv", "map_positions", "paged_decode_step",
-           "paged_prefill", "prefill", "prefill_chunked", "register_decode_attention", "repack",
-           "sample", "shared_prefix_attention", "slot_attention", "truncate"]
+           "paged_prefill", "prefill", "prefill_chunked", "prefix_groups",
+           "register_decode_attention", "repack", "sample", "shared_paged_attention",
+           "slot_attention", "truncate"]

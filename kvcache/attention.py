@@ -136,36 +136,6 @@ def cache_attention(q, k, v, pos, q_pos, mask=None, *, scale=None):
   return slot_attention(q, k, v, pos, q_pos, mask, scale=scale)[:2]
 
 
-def shared_prefix_attention(q, prefix_k, prefix_v, prefix_len, k, v, pos, q_pos, *,
-                            scale=None):
-  """Attention of a group of sequences that share one prefix (Hydragen / BatchLLM style).
-
-  The prefix part is computed once for every query row of the group (one matrix product over
-  B * G * T rows, not B products) and merged with each sequence's own part by log-sum-exp.
-
-  Args:
-    q: [B, K, G, T, E] queries of the group's B sequences (positions q_pos [B, T], all past the
-      prefix).
-    prefix_k, prefix_v: [K, Np, E] the shared prefix (positions 0 .. prefix_len - 1 in slot
-      order; slots from prefix_len on are ignored).
-    k, v, pos: [B, K, N, E] and [B, K, N] each sequence's own slots (stored positions).
-  Returns:
-    (out [B, K, G, T, E], lse [B, K, G, T]) equal to attention over prefix + own slots.
-  """
-  from pallas_kernels.merge import merge_attention
-  b, kh, g, t, e = q.shape
-  n_p = prefix_k.shape[1]
-  rows = q.transpose(1, 0, 2, 3, 4).reshape(1, kh, 1, b * g * t, e)
-  ppos = jnp.where(jnp.arange(n_p) < prefix_len, jnp.arange(n_p), -1).astype(jnp.int32)
-  ppos = jnp.broadcast_to(ppos, (1, kh, n_p))
-  big = jnp.full((1, b * g * t), jnp.iinfo(jnp.int32).max, jnp.int32)  # every prefix slot
-  o_p, lse_p, _ = slot_attention(rows, prefix_k[None], prefix_v[None], ppos, big, scale=scale)
-  o_p = o_p.reshape(kh, b, g, t, e).transpose(1, 0, 2, 3, 4)
-  lse_p = lse_p.reshape(kh, b, g, t).transpose(1, 0, 2, 3)
-  o_s, lse_s, _ = slot_attention(q, k, v, pos, q_pos, scale=scale)
-  return merge_attention(o_p, lse_p, o_s, lse_s)
-
-
 def reference_decode_attention(q, k, v, pos, q_pos, mask=None, *, scale=None,
                                return_probs=False):
   """The jnp decode attention: slot_attention with one query per sequence."""

@@ -23,10 +23,125 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvcache.attention import cache_attention
 from kvcache.cache import HeadGroup, LayerCache
 from kvcache.pool import PagedKV, PagePool, copy_pages, init_paged_kv
 from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
+from pallas_kernels.merge import merge_attention
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefixGroups:
+  """Rows of a batch grouped by a shared, page-aligned prefix (Hydragen / BatchLLM).
+
+  Group r's rows all begin with the same length[r] tokens held in the pages tables[r]; the
+  prefix part of their attention is computed once for all of the group's query rows and merged
+  with each row's own part (the pages after the prefix) by log-sum-exp.
+
+  Attributes:
+    members: int32 [Gr, M] batch rows of each group (padding: a row index >= B).
+    tables: int32 [Gr, Wp] the group's prefix pages.
+    length: int32 [Gr] prefix tokens, a multiple of the page size (0: a padding group).
+    shift: int32 [B] prefix tokens of each row's group (0: a row in no group).
+  """
+
+  members: jax.Array
+  tables: jax.Array
+  length: jax.Array
+  shift: jax.Array
+
+
+def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: int,
+                  page_size: int) -> PrefixGroups | None:
+  """PrefixGroups of (rows, prefix pages) pairs for a batch of `batch` rows (already a bucket);
+  groups, members and prefix pages are padded to powers of two so few shapes compile. Groups of
+  fewer than two rows or no pages share nothing and are left out; None when none is left."""
+  groups = [(list(r), list(p)) for r, p in groups if len(r) > 1 and len(p) > 0]
+  if not groups:
+    return None
+  rows = [r for r, _ in groups]
+  if len({i for r in rows for i in r}) != sum(map(len, rows)) or max(max(r) for r in rows) >= batch:
+    raise ValueError(f"prefix groups must hold distinct rows below {batch}, got {rows}")
+  gr, m = _bucket(len(groups)), _bucket(max(map(len, rows)))
+  wp = _bucket(max(len(p) for _, p in groups))
+  members = np.full((gr, m), np.iinfo(np.int32).max, np.int32)
+  tables = np.zeros((gr, wp), np.int32)
+  length = np.zeros(gr, np.int32)
+  shift = np.zeros(batch, np.int32)
+  for j, (r, p) in enumerate(groups):
+    members[j, :len(r)] = r
+    tables[j, :len(p)] = p
+    length[j] = len(p) * page_size
+    shift[r] = len(p) * page_size
+  return PrefixGroups(*map(jnp.asarray, (members, tables, length, shift)))
+
+
+def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
+  """[K, P, S, E] pages read through tables [R, W] -> [R, K, W * S, E] (logical slot order)."""
+  r, w = tables.shape
+  kh, _, s, e = k_pages.shape
+  return k_pages[:, tables].transpose(1, 0, 2, 3, 4).reshape(r, kh, w * s, e)
+
+
+def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                           tables: jax.Array, positions: jax.Array, groups: PrefixGroups, *,
+                           kernel: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Attention of T new queries per row over its pages, each group's prefix attended once.
+
+  Args:
+    q: [B, T, K, G, E] queries (after RoPE) grouped by KV head.
+    k_pages, v_pages: [K, P, S, E] the pool; tables: int32 [B, W] each row's pages (its group's
+      prefix pages first); positions: int32 [B, T] the queries' positions (causal: a query sees
+      tokens at or before its position).
+    groups: the rows' prefix groups.
+    kernel: with T == 1, both parts through pallas_kernels' paged decode kernel (the prefix part
+      with all of a group's query rows as the kernel's rows: a matrix product per page); else
+      gathered pages and kvcache.attention.cache_attention (the prefill kernel on GPU).
+  Returns:
+    (out [B, T, K, G, E] in q's dtype, lse [B, T, K, G] float32): equal to attention over each
+    row's whole table.
+  """
+  from pallas_kernels.decode import paged_decode_attention
+  b, t, kh, g, e = q.shape
+  s, w = k_pages.shape[2], tables.shape[1]
+  dtype, q = q.dtype, q.astype(jnp.float32)  # float32 queries: float32 partials, rounded once
+  gr, mm = groups.members.shape
+  decode = kernel and t == 1
+  # The prefix part: the M * T * G query rows of a group against its prefix, once.
+  rows = q[jnp.minimum(groups.members, b - 1)]  # [Gr, M, T, K, G, E]
+  rows = rows.transpose(0, 3, 1, 2, 4, 5).reshape(gr, kh, mm * t * g, e)
+  if decode:
+    o_p, lse_p = paged_decode_attention(rows, k_pages, v_pages, groups.tables, groups.length - 1)
+  else:
+    n_p = groups.tables.shape[1] * s
+    ppos = jnp.arange(n_p, dtype=jnp.int32)
+    ppos = jnp.where(ppos[None] < groups.length[:, None], ppos[None], -1)
+    o_p, lse_p = cache_attention(rows[:, :, None], _page_view(k_pages, groups.tables),
+                                 _page_view(v_pages, groups.tables),
+                                 jnp.broadcast_to(ppos[:, None], (gr, kh, n_p)),
+                                 jnp.broadcast_to(groups.length[:, None], (gr, mm * t * g)))
+    o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
+  o_p = o_p.reshape(gr, kh, mm, t, g, e).transpose(0, 2, 3, 1, 4, 5)  # [Gr, M, T, K, G, E]
+  lse_p = lse_p.reshape(gr, kh, mm, t, g).transpose(0, 2, 3, 1, 4)
+  out_p = jnp.zeros(q.shape, jnp.float32).at[groups.members].set(o_p, mode="drop")
+  lse_pb = jnp.full(q.shape[:-1], -jnp.inf, jnp.float32).at[groups.members].set(lse_p,
+                                                                                   mode="drop")
+  # The own part: each row's pages after its prefix, positions shifted alike.
+  first = groups.shift // s
+  own = jnp.take_along_axis(tables, jnp.minimum(first[:, None] + jnp.arange(w)[None], w - 1), 1)
+  rel = positions - groups.shift[:, None]
+  if decode:
+    o_s, lse_s = paged_decode_attention(q[:, 0], k_pages, v_pages, own, rel[:, 0])
+    o_s, lse_s = o_s[:, None], lse_s[:, None]
+  else:
+    pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
+    o_s, lse_s = cache_attention(q.transpose(0, 2, 3, 1, 4), _page_view(k_pages, own),
+                                 _page_view(v_pages, own), pos, rel)
+    o_s, lse_s = o_s.transpose(0, 3, 1, 2, 4), lse_s.transpose(0, 3, 1, 2)
+  out, lse = merge_attention(out_p, lse_pb, o_s, lse_s)
+  return out.astype(dtype), lse
 
 
 @dataclasses.dataclass
@@ -36,12 +151,14 @@ class PagedLayerCache:
   Attributes:
     k, v: [K, P, S, E] the layer's pages.
     tables: int32 [B, W] page of each logical block (entries past a sequence's pages unused).
+    prefix: the rows' shared-prefix groups, or None (each row attends its own table).
     group_size: G query heads per KV head (static); decode_attn: the seam's name (static).
   """
 
   k: jax.Array
   v: jax.Array
   tables: jax.Array
+  prefix: PrefixGroups | None = None
   group_size: int = 1
   decode_attn: str = "auto"
 
@@ -59,47 +176,56 @@ class PagedLayerCache:
 
   def attend(self, q, positions, **kw):
     """Decode on GPU (or with decode_attn='pallas'): the paged kernel reads each sequence's
-    pages in place. Otherwise LayerCache.attend over the gathered pages (slot n of sequence b
-    holds position n): prefill, the jnp reference, probabilities, token masks."""
+    pages in place. With prefix groups: shared_paged_attention (each group's prefix once).
+    Otherwise LayerCache.attend over the gathered pages (slot n of sequence b holds position
+    n): prefill, the jnp reference, probabilities, token masks."""
     b, w = self.tables.shape
     kh, p, s, e = self.k.shape
     t, h = q.shape[1], q.shape[2]
-    plain = not (kw.get("token_mask") or kw.get("fresh") or kw.get("return_probs"))
+    plain = not (kw.get("token_mask") or kw.get("fresh") or kw.get("return_probs")
+                 or kw.get("score_window"))
     kernel = self.decode_attn == "pallas" or (self.decode_attn == "auto"
                                               and jax.default_backend() == "gpu")
-    if t == 1 and plain and kernel and s >= 16 and e >= 16 and not e & (e - 1) and \
-        h == kh * self.group_size:
-      from pallas_kernels.decode import paged_decode_attention
-      qg = q[:, 0].reshape(b, kh, self.group_size, e)
-      o, _ = paged_decode_attention(qg, self.k, self.v, self.tables, positions[:, 0])
-      return o.reshape(b, 1, h, e), None
-    view = lambda x: x[:, self.tables].transpose(1, 0, 2, 3, 4).reshape(b, kh, w * s, e)
+    kernel = kernel and s >= 16 and e >= 16 and not e & (e - 1)
+    if plain and h == kh * self.group_size:
+      qg = q.reshape(b, t, kh, self.group_size, e)
+      if self.prefix is not None:
+        o, _ = shared_paged_attention(qg, self.k, self.v, self.tables, positions, self.prefix,
+                                      kernel=kernel)
+        return o.reshape(b, t, h, e), None
+      if t == 1 and kernel:
+        from pallas_kernels.decode import paged_decode_attention
+        o, _ = paged_decode_attention(qg[:, 0], self.k, self.v, self.tables, positions[:, 0])
+        return o.reshape(b, 1, h, e), None
     pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
     # 'pallas' here meant the paged kernel; the gathered view takes whatever applies.
-    flat = LayerCache((HeadGroup(view(self.k), view(self.v), pos),), self.group_size,
+    flat = LayerCache((HeadGroup(_page_view(self.k, self.tables),
+                                 _page_view(self.v, self.tables), pos),), self.group_size,
                       "auto" if self.decode_attn == "pallas" else self.decode_attn)
     return flat.attend(q, positions, **kw)
 
 
-jax.tree_util.register_dataclass(PagedLayerCache, data_fields=["k", "v", "tables"],
+jax.tree_util.register_dataclass(PagedLayerCache, data_fields=["k", "v", "tables", "prefix"],
                                  meta_fields=["group_size", "decode_attn"])
 
 
-def _layers(kv: PagedKV, tables, group_size, decode_attn):
-  return tuple(PagedLayerCache(k, v, tables, group_size, decode_attn) for k, v in zip(kv.k, kv.v))
+def _layers(kv: PagedKV, tables, prefix, group_size, decode_attn):
+  return tuple(PagedLayerCache(k, v, tables, prefix, group_size, decode_attn)
+               for k, v in zip(kv.k, kv.v))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "decode_attn"), donate_argnames=("kv",))
 def paged_prefill(graphdef, params, kv: PagedKV, tokens, start, lengths, tables,
-                  decode_attn: str = "auto"):
+                  prefix: PrefixGroups | None = None, decode_attn: str = "auto"):
   """Prefills tokens [B, T] at positions start[b] + t (t < lengths[b]) into the sequences'
-  pages (their tables [B, W]; pages allocated by the pool). Returns the logits of each
+  pages (their tables [B, W]; pages allocated by the pool); with prefix groups, each group's
+  shared prefix is attended once for all its rows' suffix queries. Returns the logits of each
   sequence's last token [B, V] and the pages."""
   model = nnx.merge(graphdef, params)
   t = tokens.shape[1]
   positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   valid = jnp.arange(t)[None] < lengths[:, None]
-  layers = _layers(kv, tables, model.cfg.n_heads // model.cfg.n_kv_heads, decode_attn)
+  layers = _layers(kv, tables, prefix, model.cfg.n_heads // model.cfg.n_kv_heads, decode_attn)
   logits, layers, _ = model.forward_cached(tokens, positions, layers, valid=valid)
   last = logits[jnp.arange(tokens.shape[0]), jnp.maximum(lengths - 1, 0)]
   return last, PagedKV(tuple(x.k for x in layers), tuple(x.v for x in layers))
@@ -107,11 +233,11 @@ def paged_prefill(graphdef, params, kv: PagedKV, tokens, start, lengths, tables,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "decode_attn"), donate_argnames=("kv",))
 def paged_decode_step(graphdef, params, kv: PagedKV, token, positions, tables,
-                      decode_attn: str = "auto"):
+                      prefix: PrefixGroups | None = None, decode_attn: str = "auto"):
   """One token per sequence at positions [B] (rows past the live batch: position -1, not
-  written). Returns logits [B, V] and the pages."""
+  written); with prefix groups, shared-prefix attention. Returns logits [B, V] and the pages."""
   model = nnx.merge(graphdef, params)
-  layers = _layers(kv, tables, model.cfg.n_heads // model.cfg.n_kv_heads, decode_attn)
+  layers = _layers(kv, tables, prefix, model.cfg.n_heads // model.cfg.n_kv_heads, decode_attn)
   pos = jnp.maximum(positions, 0)[:, None]
   logits, layers, _ = model.forward_cached(token[:, None], pos, layers, valid=(positions >= 0)[
       :, None])
@@ -136,53 +262,97 @@ class SharedStats:
 def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
                     max_new_tokens: int = 32, page_size: int = 16, num_pages: int | None = None,
                     sampling: SamplingConfig | None = None, seed: int = 0,
-                    decode_attn: str = "auto", pad_to: int = 16
+                    decode_attn: str = "auto", pad_to: int = 16, shared_attention: bool = True
                     ) -> tuple[list[list[int]], SharedStats]:
-  """Generates for many prompts that share prefixes, each shared prefix stored once.
+  """Generates for many prompts that share prefixes, each shared prefix stored and attended once.
 
-  Prompts are admitted in order: each reuses the longest prefix the tree holds (all but its
-  last token at most, which is prefilled for its logits), prefills the rest onto its own pages
-  and is inserted into the tree; then every sequence decodes together, one jit step per token
-  over bucketed shapes. Greedy tokens equal decoding each prompt alone.
+  The prompts are grouped by shared prefix first (kvcache.batchllm.group_prompts: one level of
+  groups, the prefill tokens of the whole batch minimised). Per group, the prefix is prefilled
+  once through the radix tree (a part another group stored is reused), then all members'
+  remaining tokens in one batched prefill; with shared_attention, the group's prefix pages are
+  attended once for all its members' queries (shared_paged_attention), in that prefill and in
+  every decode step. Then all sequences decode together, one jit step per token over bucketed
+  shapes. Greedy tokens equal decoding each prompt alone.
 
-  Returns the new tokens per prompt and SharedStats.
+  Returns the new tokens per prompt (in order) and SharedStats.
   """
+  from kvcache.batchllm import group_prompts
   sampling = sampling or SamplingConfig()
   cfg = model.cfg
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("generate_shared needs prompts of >= 1 token")
+  prompts = [list(p) for p in prompts]
   total = sum(len(p) for p in prompts)
   # Rounded up to a power of two, like the batch and the table width: few shapes compile.
   num_pages = num_pages or _bucket(sum(-(-(len(p) + max_new_tokens) // page_size)
-                                       for p in prompts) + 1)
+                                       for p in prompts) + len(prompts) + 1)
   pool = PagePool(num_pages, page_size)
   tree = RadixTree(pool)
   kv = init_paged_kv(cfg, num_pages, page_size)
   graphdef, params = nnx.split(model)
   key = jax.random.key(seed)
-  firsts, prefilled = [], 0
-  for i, prompt in enumerate(prompts):
-    m, pages = tree.match(prompt[:-1])
-    copies = pool.add(i, pages, m)
-    copies += pool.extend(i, len(prompt) - m + max_new_tokens)
+  firsts, prefilled, shared = [0] * len(prompts), 0, []
+
+  def admit(seq, tokens, room):
+    """A sequence for `tokens`: the tree's longest stored prefix (all but the last token at
+    most) reused, pages for the rest and `room` more. Returns (reused tokens, kv)."""
+    m, pages = tree.match(tokens[:-1])
+    copies = pool.add(seq, pages, m) + pool.extend(seq, len(tokens) - m + room)
     if copies:
-      kv = copy_pages(kv, jnp.asarray([c[0] for c in copies]), jnp.asarray([c[1] for c in copies]))
-    rest = list(prompt[m:])
-    t = -(-len(rest) // pad_to) * pad_to
-    toks = np.zeros((1, t), np.int32)
-    toks[0, :len(rest)] = rest
-    tables, _ = pool.page_tables([i])
-    logits, kv = paged_prefill(graphdef, params, kv, jnp.asarray(toks), jnp.asarray([m]),
-                               jnp.asarray([len(rest)]), jnp.asarray(tables), decode_attn)
+      return m, copy_pages(kv, jnp.asarray([c[0] for c in copies]),
+                           jnp.asarray([c[1] for c in copies]))
+    return m, kv
+
+  def run_prefill(seqs, rests, starts, prefix):
+    bb = _bucket(len(seqs))
+    t = -(-max(map(len, rests)) // pad_to) * pad_to
+    toks = np.zeros((bb, t), np.int32)
+    for j, r in enumerate(rests):
+      toks[j, :len(r)] = r
+    tables, _ = pool.page_tables(seqs)
+    tables = np.pad(tables, ((0, bb - len(seqs)), (0, 0)))
+    return paged_prefill(graphdef, params, kv, jnp.asarray(toks),
+                         jnp.asarray(np.pad(starts, (0, bb - len(seqs)))),
+                         jnp.asarray(np.pad([len(r) for r in rests], (0, bb - len(seqs)))),
+                         jnp.asarray(tables), prefix, decode_attn)
+
+  for gi, group in enumerate(group_prompts(prompts)):
+    stem, rows = list(group.prefix), list(group.members)
+    if stem:  # the group's prefix, prefilled once (its logits are not needed)
+      m, kv = admit(("prefix", gi), stem, 0)
+      if m < len(stem):
+        _, kv = run_prefill([("prefix", gi)], [stem[m:]], [m], None)
+        prefilled += len(stem) - m
+      tree.insert(stem, pool.table(("prefix", gi)))
+    starts = []
+    for i in rows:
+      m, kv = admit(i, prompts[i], max_new_tokens)
+      starts.append(m)
+    # The full pages every member holds of the stem: what their attention shares.
+    common = pool.table(("prefix", gi))[:len(stem) // page_size] if stem else []
+    for i in rows:
+      n = 0
+      while n < len(common) and pool.table(i)[n] == common[n]:
+        n += 1
+      common = common[:n]
+    if stem:
+      pool.release(("prefix", gi))  # the tree holds its pages now
+    share = [(list(range(len(rows))), common)] if shared_attention else []
+    logits, kv = run_prefill(rows, [prompts[i][m:] for i, m in zip(rows, starts)], starts,
+                             prefix_groups(share, _bucket(len(rows)), page_size))
     key, sub = jax.random.split(key)
-    firsts.append(int(sample(logits, sub, sampling)[0]))
-    prefilled += len(rest)
-    tree.insert(prompt, pool.table(i))
+    nxt = np.asarray(sample(logits, sub, sampling))
+    for j, (i, m) in enumerate(zip(rows, starts)):
+      firsts[i] = int(nxt[j])
+      prefilled += len(prompts[i]) - m
+      tree.insert(prompts[i], pool.table(i))
+    shared.append((rows, common))
   prefill_pages = pool.pages_in_use
   b = len(prompts)
   bb = _bucket(b)
   tables, lengths = pool.page_tables(list(range(b)))
   tables = np.pad(tables, ((0, bb - b), (0, 0)))
+  prefix = prefix_groups(shared, bb, page_size) if shared_attention else None
   out = [[f] for f in firsts]
   tok = np.zeros(bb, np.int32)
   tok[:b] = firsts
@@ -190,7 +360,7 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
   pos[:b] = [len(p) for p in prompts]
   for _ in range(max_new_tokens - 1):
     logits, kv = paged_decode_step(graphdef, params, kv, jnp.asarray(tok), jnp.asarray(pos),
-                                   jnp.asarray(tables), decode_attn)
+                                   jnp.asarray(tables), prefix, decode_attn)
     key, sub = jax.random.split(key)
     nxt = np.asarray(sample(logits, sub, sampling))
     for i in range(b):

@@ -9,7 +9,6 @@ import kvcache.attention as ka
 from kvcache.attention import (
   get_decode_attention,
   reference_decode_attention,
-  shared_prefix_attention,
   slot_attention,
 )
 
@@ -103,24 +102,3 @@ def test_seam_errors():
     get_decode_attention("pallas")(q[:, :, :, 0], k, v, pos, q_pos[:, 0], return_probs=True)
 
 
-def test_shared_prefix_attention_equals_attention_over_the_concatenation():
-  seed = 8
-  print(f"seed={seed}")
-  rng = np.random.default_rng(seed)
-  b, k, g, t, e, n_p, n = 3, 2, 4, 2, 8, 24, 10
-  prefix_len = 19
-  q = rng.standard_normal((b, k, g, t, e)).astype(np.float32)
-  pk, pv = (rng.standard_normal((k, n_p, e)).astype(np.float32) for _ in range(2))
-  sk, sv = (rng.standard_normal((b, k, n, e)).astype(np.float32) for _ in range(2))
-  own = np.arange(n) + prefix_len  # each sequence's own positions after the prefix
-  pos = np.broadcast_to(np.where(np.arange(n) < 7, own, -1), (b, k, n)).astype(np.int32)
-  q_pos = np.broadcast_to(prefix_len + np.array([4, 6]), (b, t)).astype(np.int32)
-  out, lse = shared_prefix_attention(q, pk, pv, prefix_len, sk, sv, pos, q_pos)
-  # The plain reference: every sequence's slots = the prefix followed by its own.
-  cat_k = np.concatenate([np.broadcast_to(pk, (b, k, n_p, e)), sk], axis=2)
-  cat_v = np.concatenate([np.broadcast_to(pv, (b, k, n_p, e)), sv], axis=2)
-  ppos = np.where(np.arange(n_p) < prefix_len, np.arange(n_p), -1)
-  cat_pos = np.concatenate([np.broadcast_to(ppos, (b, k, n_p)), pos], axis=2).astype(np.int32)
-  want_out, want_lse, _ = _numpy_attention(q, cat_k, cat_v, cat_pos, q_pos, None)
-  np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5)
-  np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-5)

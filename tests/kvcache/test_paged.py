@@ -2,12 +2,13 @@
 the contiguous cache, shared prompt pages held and prefilled once, and bucketed steps that do
 not recompile when the batch changes within a bucket."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from colm.config import ModelConfig
 from kvcache import generate
-from kvcache.paged import generate_shared, paged_decode_step
+from kvcache.paged import generate_shared, paged_decode_step, paged_prefill
 
 CFG = ModelConfig.tiny(d_model=45, n_heads=6, n_kv_heads=2, head_dim=8, ffn_dim=53,
                        max_seq_len=96, n_layers=2)
@@ -40,11 +41,13 @@ def test_shared_generation_equals_each_prompt_alone(model):
 
 
 def test_bucketed_decode_steps_do_not_recompile(model):
-  # One pool size for both (pages are a shape too); batch 3 and 4 share the bucket 4.
-  generate_shared(model, _prompts(5, 1), max_new_tokens=3, page_size=4, num_pages=64)
-  size = paged_decode_step._cache_size()
-  generate_shared(model, _prompts(6, 2)[:4], max_new_tokens=3, page_size=4, num_pages=64)
-  assert paged_decode_step._cache_size() == size
+  """Two batches of other prompts, suffix lengths and prefix pages, one bucket of every shape
+  (batch, table width, groups, members, prefix pages; the pool's pages are a shape too): the
+  second compiles no new decode or prefill step."""
+  generate_shared(model, _prompts(5, 2), max_new_tokens=3, page_size=4, num_pages=64)
+  sizes = paged_decode_step._cache_size(), paged_prefill._cache_size()
+  generate_shared(model, _prompts(6, 2), max_new_tokens=3, page_size=4, num_pages=64)
+  assert (paged_decode_step._cache_size(), paged_prefill._cache_size()) == sizes
 
 
 def test_paged_kernel_path_equals_each_prompt_alone(spread_decoder):
@@ -55,3 +58,59 @@ def test_paged_kernel_path_equals_each_prompt_alone(spread_decoder):
   got, _ = generate_shared(model, prompts, max_new_tokens=4, page_size=16, decode_attn="pallas")
   for p, row in zip(prompts, got):
     assert generate(model, [p], max_new_tokens=4, pad_to=16) == [row]
+
+
+def _float64_paged_attention(q, k_pages, v_pages, tables, positions):
+  """Each row's whole table, gathered, in float64: q [B, T, K, G, E] -> out, lse."""
+  b, t, kh, g, e = q.shape
+  s = k_pages.shape[2]
+  out, lse = np.zeros(q.shape), np.full(q.shape[:-1], -np.inf)
+  for i in np.ndindex(b, t, kh, g):
+    bi, ti, hi, _ = i
+    n = positions[bi, ti] + 1
+    idx = np.arange(n)
+    kk = k_pages[hi, tables[bi, idx // s], idx % s].astype(np.float64)
+    vv = v_pages[hi, tables[bi, idx // s], idx % s].astype(np.float64)
+    sc = kk @ q[i].astype(np.float64) / np.sqrt(e)
+    m = sc.max()
+    w = np.exp(sc - m)
+    lse[i] = m + np.log(w.sum())
+    out[i] = w @ vv / w.sum()
+  return out, lse
+
+
+@pytest.mark.parametrize("t,kernel", [(1, False), (1, True), (5, False)])
+def test_shared_prefix_attention_equals_attention_over_each_whole_table(t, kernel):
+  """Two groups with page-aligned prefixes of different lengths, a row in no group, padding
+  rows and groups (buckets); decode (jnp and the Pallas paged kernel) and suffix prefill."""
+  from kvcache.paged import prefix_groups, shared_paged_attention
+  seed = 31 + t + kernel
+  print(f"seed={seed}")
+  rng = np.random.default_rng(seed)
+  kh, g, e, s, p = 2, 3, 16, 16, 40
+  k_pages, v_pages = (rng.standard_normal((kh, p, s, e)).astype(np.float32) for _ in range(2))
+  pre_a, pre_b = [3, 7, 11], [20]  # group prefixes: 3 pages, 1 page
+  own = iter(range(21, p))
+  rows = [pre_a + [next(own)], pre_a + [next(own), next(own)], pre_b + [next(own)],
+          pre_b + [next(own), next(own)], pre_b + [next(own)], [next(own), next(own)]]
+  b = 8  # a bucket: rows 6 and 7 are padding
+  tables = np.zeros((b, 8), np.int32)
+  for i, r in enumerate(rows):
+    tables[i, :len(r)] = r
+  last = [len(r) * s - 1 - rng.integers(0, s // 2) for r in rows] + [t - 1, t - 1]
+  positions = np.asarray([[x - t + 1 + j for j in range(t)] for x in last], np.int32)
+  groups = prefix_groups([([0, 1], pre_a), ([2, 3, 4], pre_b), ([5], [])], b, s)
+  q = rng.standard_normal((b, t, kh, g, e)).astype(np.float32)
+  out, lse = shared_paged_attention(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages),
+                                    jnp.asarray(tables), jnp.asarray(positions), groups,
+                                    kernel=kernel)
+  want_out, want_lse = _float64_paged_attention(q[:6], k_pages, v_pages, tables, positions)
+  np.testing.assert_allclose(np.asarray(out)[:6], want_out, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(lse)[:6], want_lse, atol=2e-5)
+
+
+def test_prefix_groups_reject_shared_rows():
+  from kvcache.paged import prefix_groups
+  with pytest.raises(ValueError, match="distinct rows"):
+    prefix_groups([([0, 1], [3]), ([1, 2], [4])], 4, 16)
+  assert prefix_groups([([0], [3]), ([1, 2], [])], 4, 16) is None
