@@ -58,11 +58,13 @@ def measure(groups: int, per_group: int, prefix: int, suffix: int, page_size: in
 
 
 def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, page_size: int,
-          groups: int, per_group: int, prefix: int, suffix: int, repeats: int) -> dict:
+          groups: int, per_group: int, prefix: int, suffix: int, repeats: int,
+          inner: int = 10) -> dict:
   """Side by side in one run: (1) the paged decode kernel against the contiguous cache kernel
   at equal tokens (pages of the pool shuffled); (2) shared-prefix attention (each group's prefix
   once for all its sequences' queries, merged by log-sum-exp with each suffix read through its
-  pages) against per-sequence paged attention over prefix + suffix pages, decode queries."""
+  pages) against per-sequence paged attention over prefix + suffix pages, decode queries. Each
+  time is the median over `repeats` samples of `inner` calls dispatched back to back."""
   rng = np.random.default_rng(0)
   dt = jnp.bfloat16
   b, k, g, e, n = batch, kv_heads, group, head_dim, context
@@ -79,8 +81,8 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
       vc.reshape(b, k, w, page_size, e).transpose(1, 0, 2, 3, 4))
   tables = jnp.asarray(perm)
   contiguous_fn, paged_fn = jax.jit(cache_decode_attention), jax.jit(paged_decode_attention)
-  contiguous = time_ms(contiguous_fn, (q, kc, vc, pos, q_pos), repeats)
-  paged = time_ms(paged_fn, (q, kp, vp, tables, q_pos), repeats)
+  contiguous = time_ms(contiguous_fn, (q, kc, vc, pos, q_pos), repeats, inner=inner)
+  paged = time_ms(paged_fn, (q, kp, vp, tables, q_pos), repeats, inner=inner)
   a = contiguous_fn(q, kc, vc, pos, q_pos)[0]
   c = paged_fn(q, kp, vp, tables, q_pos)[0]
   err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - c.astype(jnp.float32))))
@@ -96,7 +98,7 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
   qs = jnp.asarray(rng.standard_normal((ns, k, g, e)), dt)
   per_seq = jax.jit(paged_decode_attention)
   per_args = (qs, kpool, vpool, full_tables, jnp.full((ns,), prefix + suffix - 1, jnp.int32))
-  t_per = time_ms(per_seq, per_args, repeats)
+  t_per = time_ms(per_seq, per_args, repeats, inner=inner)
 
   groups_ = prefix_groups([(range(gi * per_group, (gi + 1) * per_group), pre[gi])
                            for gi in range(groups)], ns, page_size)
@@ -111,13 +113,13 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
                                     kernel=True)
     return o[:, 0], lse[:, 0]
 
-  t_shared = time_ms(shared, (qs, kpool, vpool), repeats)
+  t_shared = time_ms(shared, (qs, kpool, vpool), repeats, inner=inner)
   o_ref = per_seq(*per_args)
   o_sh = shared(qs, kpool, vpool)
   shared_err = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
       jnp.float32))))
   return {"batch": b, "context": n, "kv_heads": k, "group": g, "head_dim": e,
-          "page_size": page_size, "contiguous_kernel_ms": contiguous, "paged_kernel_ms": paged,
+          "page_size": page_size, "inner_calls": inner, "contiguous_kernel_ms": contiguous, "paged_kernel_ms": paged,
           "paged_over_contiguous_speed": contiguous / paged, "paged_max_abs_diff": err,
           "groups": groups, "per_group": per_group, "prefix": prefix, "suffix": suffix,
           "shared_prefix_ms": t_shared, "per_sequence_paged_ms": t_per,
