@@ -119,7 +119,8 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
   shared_err = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
       jnp.float32))))
   return {"batch": b, "context": n, "kv_heads": k, "group": g, "head_dim": e,
-          "page_size": page_size, "inner_calls": inner, "contiguous_kernel_ms": contiguous, "paged_kernel_ms": paged,
+          "page_size": page_size, "inner_calls": inner, "contiguous_kernel_ms": contiguous,
+          "paged_kernel_ms": paged,
           "paged_over_contiguous_speed": contiguous / paged, "paged_max_abs_diff": err,
           "groups": groups, "per_group": per_group, "prefix": prefix, "suffix": suffix,
           "shared_prefix_ms": t_shared, "per_sequence_paged_ms": t_per,
