@@ -45,12 +45,14 @@ class PrefixGroups:
     tables: int32 [Gr, Wp] the group's prefix pages.
     length: int32 [Gr] prefix tokens, a multiple of the page size (0: a padding group).
     shift: int32 [B] prefix tokens of each row's group (0: a row in no group).
+    slot: int32 [B] where each row is in members, flattened (group * M + j; -1: in no group).
   """
 
   members: jax.Array
   tables: jax.Array
   length: jax.Array
   shift: jax.Array
+  slot: jax.Array
 
 
 def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: int,
@@ -70,12 +72,14 @@ def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: 
   tables = np.zeros((gr, wp), np.int32)
   length = np.zeros(gr, np.int32)
   shift = np.zeros(batch, np.int32)
+  slot = np.full(batch, -1, np.int32)
   for j, (r, p) in enumerate(groups):
     members[j, :len(r)] = r
     tables[j, :len(p)] = p
     length[j] = len(p) * page_size
     shift[r] = len(p) * page_size
-  return PrefixGroups(*map(jnp.asarray, (members, tables, length, shift)))
+    slot[r] = j * m + np.arange(len(r))
+  return PrefixGroups(*map(jnp.asarray, (members, tables, length, shift, slot)))
 
 
 def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
@@ -123,11 +127,12 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                  jnp.broadcast_to(ppos[:, None], (gr, kh, n_p)),
                                  jnp.broadcast_to(groups.length[:, None], (gr, mm * t * g)))
     o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
-  o_p = o_p.reshape(gr, kh, mm, t, g, e).transpose(0, 2, 3, 1, 4, 5)  # [Gr, M, T, K, G, E]
-  lse_p = lse_p.reshape(gr, kh, mm, t, g).transpose(0, 2, 3, 1, 4)
-  out_p = jnp.zeros(q.shape, jnp.float32).at[groups.members].set(o_p, mode="drop")
-  lse_pb = jnp.full(q.shape[:-1], -jnp.inf, jnp.float32).at[groups.members].set(lse_p,
-                                                                                   mode="drop")
+  # Back to the rows: row b's prefix part is its group's row slot[b] (none: lse -inf).
+  o_p = o_p.reshape(gr, kh, mm, t, g, e).transpose(0, 2, 3, 1, 4, 5).reshape(gr * mm, t, kh, g, e)
+  lse_p = lse_p.reshape(gr, kh, mm, t, g).transpose(0, 2, 3, 1, 4).reshape(gr * mm, t, kh, g)
+  idx = jnp.maximum(groups.slot, 0)
+  out_p = o_p[idx]
+  lse_pb = jnp.where((groups.slot >= 0)[:, None, None, None], lse_p[idx], -jnp.inf)
   # The own part: each row's pages after its prefix, positions shifted alike.
   first = groups.shift // s
   own = jnp.take_along_axis(tables, jnp.minimum(first[:, None] + jnp.arange(w)[None], w - 1), 1)
