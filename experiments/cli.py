@@ -25,6 +25,7 @@ BENCHMARKS = {
     "decode": "experiments.bench_decode",
     "prefill": "experiments.bench_prefill",
     "paged": "experiments.bench_paged",
+    "batch": "experiments.bench_batch",
     "attention": "experiments.bench_attention",
     "colm": "experiments.bench_colm",
     "s2": "experiments.bench_s2",

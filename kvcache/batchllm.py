@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from kvcache.engine import Scheduler
+
 Tokens = tuple[int, ...]
 
 
@@ -337,3 +339,104 @@ def order_groups(groups: Sequence[PrefixGroup], requests: Sequence[Request]) -> 
     return fractions.Fraction(sum(requests[m].max_new_tokens for m in g.members), prompt)
 
   return sorted(groups, key=ratio, reverse=True)
+
+
+class BatchLLM(Scheduler):
+  """BatchLLM's scheduling over the engine: the groups of the whole batch (group_prompts), in
+  decode-ratio order (order_groups), one group after another. A group's prefix is admitted and
+  prefilled once, as its own sequence (reusing what the tree stores of it); its members share
+  the prefix's pages (entering once it is prefilled, each with a copy of its partial last page),
+  prefill only the rest, and attend the prefix's full pages once for the whole group
+  (shared-prefix attention, in prefill and decode). Requests
+  enter while their pages fit (memory-centric batching: no request count cap unless the engine
+  has one); when a group's last member ends, its prefix is released from the tree explicitly,
+  so the prefix KV lives only as long as its group."""
+
+  name = "batchllm"
+
+  def __init__(self, reorder: bool = True):
+    self.reorder = reorder
+    if not reorder:
+      self.name = "batchllm_noreorder"
+
+  def start(self, engine, waiting: list[int]) -> None:
+    reqs = [engine.requests[i] for i in waiting]
+    groups = group_prompts([r.prompt for r in reqs])
+    if self.reorder:
+      groups = order_groups(groups, reqs)
+    self.groups = collections.deque(
+        PrefixGroup(g.prefix, [waiting[j] for j in g.members]) for g in groups)
+    self.left: dict[int, int] = {}  # group -> members not yet ended
+    self.prefix: dict[int, tuple[int, ...]] = {}
+    self.current: tuple[int, collections.deque] | None = None
+    self.member_of: dict[int, int] = {}
+    self.next_id = 0
+
+  @property
+  def done(self) -> bool:
+    return not self.groups and not (self.current and self.current[1])
+
+  def _shared(self, engine, gid: int) -> tuple[list[int], int] | None:
+    """(full pages of the group's prefix, their tokens), or None without one."""
+    full = len(self.prefix[gid]) // engine.cfg.page_size
+    if not full:
+      return None
+    return engine.pool.table(("prefix", gid))[:full], full * engine.cfg.page_size
+
+  def admit(self, engine) -> None:
+    while engine.has_room():
+      if not self.current or not self.current[1]:
+        if not self.groups:
+          return
+        g = self.groups[0]
+        gid = self.next_id
+        # A prefix shorter than a page shares no page: its members reuse what the tree holds.
+        prefix = tuple(g.prefix) if len(g.prefix) >= engine.cfg.page_size else ()
+        if prefix:  # the prefix enters with room for its largest member, or waits
+          full = len(prefix) // engine.cfg.page_size
+          own = max(engine.pages_for(len(engine.requests[i].prompt)
+                                     + engine.requests[i].max_new_tokens) for i in g.members)
+          if not engine.reserve(engine.pages_for(len(prefix)) + own - full):
+            if engine.running:
+              return
+            prefix = ()  # even an empty pool cannot hold both: the members go without it
+        self.prefix[gid] = prefix
+        if prefix and not engine.try_admit(("prefix", gid), Request(prefix, 1), new_tokens=0):
+          del self.prefix[gid]
+          return
+        self.groups.popleft()
+        self.next_id += 1
+        self.left[gid] = len(g.members)
+        self.current = (gid, collections.deque(g.members))
+      gid, members = self.current
+      shared, prefix = None, self.prefix[gid]
+      if prefix:  # members enter once the prefix is in its pages: they copy its partial page
+        if not engine.running[("prefix", gid)].prefilled:
+          return
+        shared = (engine.pool.table(("prefix", gid)), len(prefix))
+      if not engine.try_admit(members[0], shared=shared, group=gid if prefix else None):
+        return
+      self.member_of[members.popleft()] = gid
+
+  def prefix_rows(self, engine, seqs):
+    rows: dict[int, list[int]] = {}
+    for j, s in enumerate(seqs):
+      if s.group is not None:
+        rows.setdefault(s.group, []).append(j)
+    return [(r, self._shared(engine, g)[0]) for g, r in rows.items()]
+
+  def prefilled(self, engine, seq) -> None:
+    if isinstance(seq.idx, tuple):  # a group prefix: stored for later groups that share it
+      engine.tree.insert(seq.req.prompt, engine.pool.table(seq.idx))
+
+  def finished(self, engine, seq) -> None:
+    gid = self.member_of.pop(seq.idx, None)
+    if gid is None:
+      return
+    self.left[gid] -= 1
+    if self.left[gid] == 0 and self.prefix[gid]:  # explicit release of the group's prefix
+      engine.release(("prefix", gid))
+      try:
+        engine.tree.remove(self.prefix[gid])
+      except KeyError:  # no longer a stored path of its own (split by a longer prefix)
+        pass

@@ -43,6 +43,7 @@ class RadixTree:
     self.pool = pool
     self.root = Node((), 0, [])
     self._clock = itertools.count(1)
+    self.version = 0  # bumped whenever the stored tokens change (callers cache matches by it)
 
   # Structure --------------------------------------------------------------------------------------
 
@@ -123,6 +124,7 @@ class RadixTree:
       self.pool.retain(pages)
       leaf = Node(tokens[m:], m, pages, parent, last_access=next(self._clock))
       parent.children[leaf.tokens[0]] = leaf
+      self.version += 1
     return m
 
   def lock(self, tokens, delta: int = 1) -> None:
@@ -148,6 +150,7 @@ class RadixTree:
   def _remove_leaf(self, leaf: Node) -> None:
     del leaf.parent.children[leaf.tokens[0]]
     self.pool.drop(leaf.pages)
+    self.version += 1
 
   def evict(self, pages_needed: int) -> int:
     """Frees unlocked leaves, least recently used first, until the pool has pages_needed free
