@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -39,6 +40,18 @@ SCHEDULERS = {
     "lpm": LPM,
     "lpm_nofallback": lambda: LPM(fallback=None),
 }
+
+
+def spread_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
+  """A Decoder with NumPy weights scaled so that logits spread out (greedy choices far from
+  ties, so schedulers can be compared token for token), built abstractly (no eager init)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+  leaves, treedef = jax.tree.flatten(state)
+  rng = np.random.default_rng(seed)
+  new = [1.0 + 0.5 * rng.standard_normal(x.shape) if x.ndim == 1
+         else rng.standard_normal(x.shape) * (1.5 / np.sqrt(x.shape[0])) for x in leaves]
+  return nnx.merge(graphdef, jax.tree.unflatten(
+      treedef, [jnp.asarray(y, x.dtype) for x, y in zip(leaves, new)]))
 
 
 def _plot(rows: list[dict], traces: dict, path) -> None:
@@ -74,6 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--chunk", type=int, default=2048)
   ap.add_argument("--max-running", type=int, default=256,
                   help="FCFS / LPM request cap (vLLM's max_num_seqs); BatchLLM is capped by pages")
+  ap.add_argument("--batchllm-pages", default="1.0",
+                  help="BatchLLM also at these fractions of --num-pages (e.g. 1.0,0.6,0.5): the "
+                       "pages it needs to match the others' throughput")
+  ap.add_argument("--dtype", default=None, help="model dtype (default: the preset's)")
   ap.add_argument("--quick", action="store_true", help="toy model and workload (CPU)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
@@ -86,50 +103,61 @@ def main(argv: list[str] | None = None) -> dict:
     ecfg = dict(num_pages=96, page_size=16, token_budget=128, chunk=64)
   else:
     cfg = getattr(ModelConfig, args.preset)(max_seq_len=8192)
+  if args.dtype:
+    cfg = cfg.replace(dtype=args.dtype)
     reqs = batch_workloads.scaled(args.workload, args.scale, vocab=cfg.vocab_size)
     ecfg = dict(num_pages=args.num_pages, page_size=args.page_size,
                 token_budget=args.token_budget, chunk=args.chunk)
   if args.shuffle:
     reqs = batch_workloads.shuffled(reqs, seed=0)
-  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  model = spread_decoder(cfg, 0)
   rows, traces, outputs = [], {}, {}
+  runs = []
   for name in args.schedulers.split(","):
     if name not in SCHEDULERS:
       raise SystemExit(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    fracs = [float(f) for f in args.batchllm_pages.split(",")] if name == "batchllm" else [1.0]
+    runs += [(name, f) for f in fracs]
+  for name, frac in runs:
     cap = None if name.startswith("batchllm") else args.max_running
-    engine = Engine(model, EngineConfig(**ecfg, max_running=cap))
+    pages = int(ecfg["num_pages"] * frac)
+    label = name if frac == 1.0 else f"{name}@{frac:g}"
+    engine = Engine(model, EngineConfig(**{**ecfg, "num_pages": pages}, max_running=cap))
     outs, m = engine.run(reqs, SCHEDULERS[name]())
-    outputs[name] = [o.tokens for o in outs]
-    s = m.summary()
-    rows.append({"scheduler": name, "max_running": cap, **ecfg, **s,
-                 "errors": sum(o.error is not None for o in outs)})
+    outputs[label] = [o.tokens for o in outs]
+    rows.append({"scheduler": label, "max_running": cap, **ecfg, "num_pages": pages,
+                 **m.summary(), "errors": sum(o.error is not None for o in outs)})
     keep = ~np.asarray(m.compiled, bool)
     t = np.cumsum(np.where(keep, m.step_s, 0.0))
-    traces[name] = (t[keep], np.asarray(m.live_pages)[keep], np.asarray(m.pages)[keep])
+    traces[label] = (t[keep], np.asarray(m.live_pages)[keep], np.asarray(m.pages)[keep])
   ref = next(iter(outputs.values()))
   for r in rows:
     r["same_tokens_as_first"] = float(np.mean([a == b for a, b in zip(outputs[r["scheduler"]],
                                                                       ref)]))
   by = {r["scheduler"]: r for r in rows}
-  if "batchllm" in by:
-    for other in ("fcfs_lru", "lpm"):
-      if other in by:
-        b, o = by["batchllm"], by[other]
-        b[f"speedup_over_{other}"] = b["total_tokens_per_s"] / o["total_tokens_per_s"]
-        b[f"peak_live_pages_over_{other}"] = b["peak_live_pages"] / max(o["peak_live_pages"], 1)
+  for b in rows:
+    if b["scheduler"].startswith("batchllm"):
+      for other in ("fcfs_lru", "lpm"):
+        if other in by:
+          o = by[other]
+          b[f"speedup_over_{other}"] = b["total_tokens_per_s"] / o["total_tokens_per_s"]
+          b[f"peak_live_pages_over_{other}"] = b["peak_live_pages"] / max(o["peak_live_pages"],
+                                                                           1)
   tag = f"batch_{args.workload}" + ("_shuffled" if args.shuffle else "") + \
-      ("_quick" if args.quick else "")
+      (f"_{args.dtype}" if args.dtype else "") + ("_quick" if args.quick else "")
   info = {"workload": args.workload, "scale": args.scale, "shuffled": args.shuffle,
           "requests": len(reqs), "preset": "tiny" if args.quick else args.preset,
+          "dtype": cfg.dtype, "weights": "random, spread (experiments.bench_batch.spread_decoder)",
           "model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                     "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim}}
   path = write_results(tag, {**info, "rows": rows}, args.out)
   png = path.with_suffix(".png")
   _plot(rows, traces, png)
-  print(f"\n{'scheduler':>20} {'tok/s':>9} {'out tok/s':>9} {'compile s':>9} {'prefill':>9} "
-        f"{'saving':>7} {'peak live':>9} {'peak all':>8} {'same':>5}")
+  print(f"\n{'scheduler':>20} {'pages':>6} {'tok/s':>9} {'out tok/s':>9} {'compile s':>9} "
+        f"{'prefill':>9} {'saving':>7} {'peak live':>9} {'peak all':>8} {'same':>5}")
   for r in rows:
-    print(f"{r['scheduler']:>20} {r['total_tokens_per_s']:9.0f} {r['output_tokens_per_s']:9.0f} "
+    print(f"{r['scheduler']:>20} {r['num_pages']:6d} {r['total_tokens_per_s']:9.0f} "
+          f"{r['output_tokens_per_s']:9.0f} "
           f"{r['compile_s']:9.1f} {r['prefill_tokens']:9d} "
           f"{100 * r['prefix_saving_of_optimum']:6.1f}% {r['peak_live_pages']:9d} "
           f"{r['peak_pages']:8d} {r['same_tokens_as_first']:5.2f}")

@@ -98,6 +98,10 @@ class Metrics:
   prefill_tokens: int = 0  # prompt tokens computed (after prefix reuse)
   tree_tokens: int = 0  # distinct prompt tokens: the prefill any sharing needs at least
   peak_pages: int = 0
+  prefill_s: float = 0.0  # in the prefill calls (dispatch to tokens on the host; compiles too)
+  decode_s: float = 0.0  # in the decode calls, likewise
+  decode_rows: int = 0
+  decode_steps: int = 0
   page_seconds: float = 0.0
   step_s: list[float] = dataclasses.field(default_factory=list)
   pages: list[int] = dataclasses.field(default_factory=list)  # held (the tree's cache too)
@@ -119,6 +123,11 @@ class Metrics:
         "total_tokens_per_s": total / max(steady, 1e-9),
         "output_tokens_per_s": self.output_tokens / max(steady, 1e-9),
         "end_to_end_tokens_per_s": total / max(self.wall_s, 1e-9),
+        # Where the time goes: the model calls (device time plus dispatch) and the rest (the
+        # scheduler, page tables and other host work of the engine).
+        "prefill_call_s": self.prefill_s, "decode_call_s": self.decode_s,
+        "host_s": self.wall_s - self.prefill_s - self.decode_s,
+        "mean_decode_batch": self.decode_rows / max(1, self.decode_steps),
         "prefix_saving_of_optimum": saved / best if best > 0 else 1.0,
         "peak_pages": self.peak_pages, "page_seconds": self.page_seconds,
         "peak_live_pages": max(self.live_pages, default=0),
@@ -371,10 +380,12 @@ class Engine:
     for j, (s, n) in enumerate(chunks):
       toks[j, :n] = s.req.prompt[s.cached:s.cached + n]
       start[j], lengths[j] = s.cached, n
+    t0 = time.perf_counter()
     logits, self.kv = paged_prefill(self.graphdef, self.params, self.kv, jnp.asarray(toks),
                                     jnp.asarray(start), jnp.asarray(lengths), tables,
                                     self._prefix(scheduler, seqs, bb), self.cfg.decode_attn)
     nxt = np.asarray(jnp.argmax(logits, -1))
+    m.prefill_s += time.perf_counter() - t0
     ended = []
     for j, (s, n) in enumerate(chunks):
       s.cached += n
@@ -392,10 +403,15 @@ class Engine:
     for j, s in enumerate(seqs):
       tok[j] = s.out[-1]
       pos[j] = len(s.req.prompt) + len(s.out) - 1
+    t0 = time.perf_counter()
     logits, self.kv = paged_decode_step(self.graphdef, self.params, self.kv, jnp.asarray(tok),
                                         jnp.asarray(pos), tables,
                                         self._prefix(scheduler, seqs, bb), self.cfg.decode_attn)
     nxt = np.asarray(jnp.argmax(logits, -1))
+    m.decode_s += time.perf_counter() - t0
+    m.decode_rows += len(seqs)
+    m.decode_steps += 1
+    m.prefill_s += time.perf_counter() - t0
     ended = []
     for j, s in enumerate(seqs):
       ended += self._emit(s, int(nxt[j]), m)

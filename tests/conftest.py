@@ -20,16 +20,8 @@ def pytest_collection_modifyitems(config, items):
 
 @functools.cache
 def _spread_decoder(cfg, seed: int):
-  from flax import nnx
-
-  from colm.model import Decoder
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-  leaves, treedef = jax.tree.flatten(state)
-  rng = np.random.default_rng(seed)
-  new = [1.0 + 0.5 * rng.standard_normal(x.shape) if x.ndim == 1
-         else rng.standard_normal(x.shape) * (1.5 / np.sqrt(x.shape[0])) for x in leaves]
-  return nnx.merge(graphdef, jax.tree.unflatten(
-      treedef, [jnp.asarray(y, x.dtype) for x, y in zip(leaves, new)]))
+  from experiments.bench_batch import spread_decoder
+  return spread_decoder(cfg, seed)
 
 
 @pytest.fixture(scope="session")
