@@ -102,9 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   **kw)
     ecfg = dict(num_pages=96, page_size=16, token_budget=128, chunk=64)
   else:
-    cfg = getattr(ModelConfig, args.preset)(max_seq_len=8192)
-  if args.dtype:
-    cfg = cfg.replace(dtype=args.dtype)
+    cfg = getattr(ModelConfig, args.preset)(max_seq_len=8192,
+                                            **({"dtype": args.dtype} if args.dtype else {}))
     reqs = batch_workloads.scaled(args.workload, args.scale, vocab=cfg.vocab_size)
     ecfg = dict(num_pages=args.num_pages, page_size=args.page_size,
                 token_budget=args.token_budget, chunk=args.chunk)
