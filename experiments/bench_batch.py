@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--batchllm-pages", default="1.0",
                   help="BatchLLM also at these fractions of --num-pages (e.g. 1.0,0.6,0.5): the "
                        "pages it needs to match the others' throughput")
+  ap.add_argument("--repeat", type=int, default=1,
+                  help="serve the workload this many times per scheduler and keep the last run "
+                       "(2: every shape compiled before the measured run)")
   ap.add_argument("--dtype", default=None, help="model dtype (default: the preset's)")
   ap.add_argument("--quick", action="store_true", help="toy model and workload (CPU)")
   ap.add_argument("--out", default=None)
@@ -122,9 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     pages = int(ecfg["num_pages"] * frac)
     label = name if frac == 1.0 else f"{name}@{frac:g}"
     engine = Engine(model, EngineConfig(**{**ecfg, "num_pages": pages}, max_running=cap))
-    outs, m = engine.run(reqs, SCHEDULERS[name]())
+    for _ in range(max(1, args.repeat)):
+      outs, m = engine.run(reqs, SCHEDULERS[name]())
     outputs[label] = [o.tokens for o in outs]
     rows.append({"scheduler": label, "max_running": cap, **ecfg, "num_pages": pages,
+                 "repeat": args.repeat,
                  **m.summary(), "errors": sum(o.error is not None for o in outs)})
     keep = ~np.asarray(m.compiled, bool)
     t = np.cumsum(np.where(keep, m.step_s, 0.0))

@@ -201,6 +201,37 @@ SPECS: dict[str, TableSpec] = {
                  ("over optimum", "over_optimum", _signed_pct),
                  ("pages without sharing", "pages_without_sharing", _plain),
                  ("saving", "saving_vs_unshared", _x))),
+    "paged_speed": TableSpec(
+        columns=(("page size", "page_size", _plain), ("contiguous ms", "contiguous_kernel_ms", _ms),
+                 ("paged ms", "paged_kernel_ms", _ms),
+                 ("paged / contiguous speed", "paged_over_contiguous_speed", _x),
+                 ("per-sequence paged ms", "per_sequence_paged_ms", _ms),
+                 ("shared-prefix ms", "shared_prefix_ms", _ms),
+                 ("shared-prefix speed-up", "shared_prefix_speedup", _x)),
+        note=lambda p: (lambda r: f"Decode attention, bf16, {r.get('kv_heads')} KV heads x "
+                        f"{r.get('group')} query heads, head dim {r.get('head_dim')}. Paged vs "
+                        f"contiguous: batch {r.get('batch')}, {r.get('context')} tokens. "
+                        f"Shared prefix: {r.get('groups')} groups x {r.get('per_group')} "
+                        f"sequences, {r.get('prefix')}-token prefix + {r.get('suffix')}-token "
+                        f"suffix each. Median of samples of {r.get('inner_calls')} calls "
+                        f"dispatched back to back.")(table_rows(p)[0])),
+    "batch": TableSpec(
+        columns=(("scheduler", "scheduler", _plain), ("KV pages", "num_pages", _plain),
+                 ("tokens/s", "total_tokens_per_s", _rate),
+                 ("output tokens/s", "output_tokens_per_s", _rate),
+                 ("compile s (apart)", "compile_s", lambda v: f"{v:.0f}"),
+                 ("prefill tokens", "prefill_tokens", _count),
+                 ("prefix saving of optimum", "prefix_saving_of_optimum", _pct),
+                 ("peak live pages", "peak_live_pages", _plain),
+                 ("mean decode batch", "mean_decode_batch", lambda v: f"{v:.0f}"),
+                 ("same tokens as batchllm", "same_tokens_as_first", _pct)),
+        note=lambda p: (f"Workload `{p.get('workload')}` (scale {p.get('scale')}, "
+                        f"{p.get('requests')} requests{', shuffled' if p.get('shuffled') else ''}"
+                        f"), `{p.get('preset')}` model ({p.get('dtype')}, random spread weights),"
+                        f" page size {table_rows(p)[0].get('page_size')}, token budget "
+                        f"{table_rows(p)[0].get('token_budget')}, chunk "
+                        f"{table_rows(p)[0].get('chunk')}. tokens/s: prompt + output tokens of "
+                        f"all requests over the time of the steps that compiled nothing.")),
     "s2_experiments": TableSpec(
         columns=(("config", "config", _plain), ("val loss", "val_loss", _plain),
                  ("vs dense", "val_loss_vs_dense", _signed_pct),

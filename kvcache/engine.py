@@ -411,7 +411,6 @@ class Engine:
     m.decode_s += time.perf_counter() - t0
     m.decode_rows += len(seqs)
     m.decode_steps += 1
-    m.prefill_s += time.perf_counter() - t0
     ended = []
     for j, s in enumerate(seqs):
       ended += self._emit(s, int(nxt[j]), m)
