@@ -6,7 +6,9 @@
 head (`init_cache(..., budgets=...)`); compression methods are `Compression` policies. The
 paged pool (`PagePool`, `PagedKV`), the radix tree over it (`RadixTree`) and `generate_shared`
 share prompt prefixes across sequences (`shared_paged_attention`: each group's prefix
-attended once). `kvcache.batchllm` groups a batch's prompts by shared prefix.
+attended once). `kvcache.batchllm` groups a batch's prompts by shared prefix; `kvcache.engine`
+serves a batch under FCFS + LRU, LPM or BatchLLM scheduling. Compression methods are presses
+(`kvcache.press`: score -> select -> keep): StreamingLLM, H2O, SnapKV, PyramidKV, WindowKV.
 """
 
 from kvcache.attention import (
@@ -32,6 +34,7 @@ from kvcache.decode import (
   prefill,
   prefill_chunked,
 )
+from kvcache.h2o import H2O
 from kvcache.paged import (
   PagedLayerCache,
   PrefixGroups,
@@ -42,10 +45,16 @@ from kvcache.paged import (
   shared_paged_attention,
 )
 from kvcache.pool import OutOfPages, PagedKV, PagePool, copy_pages, init_paged_kv
+from kvcache.press import Press
+from kvcache.pyramidkv import PyramidKV
 from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
+from kvcache.snapkv import SnapKV
+from kvcache.streamingllm import StreamingLLM
+from kvcache.windowkv import WindowKV
 
-__all__ = ["Compression", "HeadGroup", "KVCache", "LayerCache", "OutOfPages", "PagePool",
+__all__ = ["H2O", "Press", "PyramidKV", "SnapKV", "StreamingLLM", "WindowKV",
+           "Compression", "HeadGroup", "KVCache", "LayerCache", "OutOfPages", "PagePool",
            "PagedKV", "PagedLayerCache", "PrefixGroups", "RadixTree", "SamplingConfig",
            "apply_policy", "copy_pages", "decode_loop", "decode_step", "free_slots", "generate",
            "generate_shared", "init_cache", "init_paged_kv", "map_positions", "paged_decode_step",

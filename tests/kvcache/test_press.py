@@ -1,0 +1,102 @@
+"""The press abstraction and the top-k methods (StreamingLLM, H2O, SnapKV, PyramidKV) against
+slow loop references on random caches and scores; budgets held exactly; generate end to end."""
+
+import numpy as np
+import pytest
+
+from kvcache.h2o import H2O
+from kvcache.press import arithmetic_budgets
+from kvcache.pyramidkv import PyramidKV
+from kvcache.snapkv import SnapKV
+from kvcache.streamingllm import StreamingLLM
+
+
+def _loop_topk(imp, pos, length, budget, forced):
+  """Slow reference: the forced positions, then the most important others (ties: later)."""
+  cand = [(float(imp[n]), int(pos[n])) for n in range(len(pos)) if pos[n] >= 0]
+  keep = {p for _, p in cand if p in forced}
+  rest = sorted([c for c in cand if c[1] not in keep], key=lambda c: (-c[0], -c[1]))
+  return keep | {p for _, p in rest[:max(0, budget - len(keep))]}
+
+
+def _pool(x, kernel):
+  pad = kernel // 2
+  xp = np.pad(x, (pad, pad), constant_values=-np.inf)
+  return np.asarray([xp[i:i + kernel].max() for i in range(len(x))])
+
+
+def _reference(press, probs, pos, length, budget):
+  n = len(pos)
+  t = probs.sum(axis=(0, 1)) if probs is not None else None  # [N]
+  window = {p for p in pos if p >= length - press.window and p >= 0}
+  if isinstance(press, StreamingLLM):
+    return _loop_topk(pos.astype(float), pos, length, budget,
+                      {p for p in pos if 0 <= p < press.sinks})
+  if isinstance(press, H2O):
+    recent = int(budget * press.recent_ratio)
+    return _loop_topk(t, pos, length, budget, {p for p in pos if p >= length - recent >= -n
+                                               and p >= 0})
+  return _loop_topk(_pool(t, press.kernel), pos, length, budget, window)
+
+
+PRESSES = [StreamingLLM(12, sinks=3), H2O(14, window=8), SnapKV(16, window=8),
+           SnapKV(0.5, window=8, kernel=3), PyramidKV(14, window=8, beta=4.0, room=5)]
+
+
+@pytest.mark.parametrize("press", PRESSES, ids=lambda p: type(p).__name__)
+def test_press_keeps_what_the_loop_reference_keeps(press, press_inputs, kept_positions):
+  seed = 61
+  print(f"seed={seed}")
+  cache, scores, lengths = press_inputs(seed)
+  out = press(cache, scores)
+  budgets = press.layer_budgets(len(cache.layers), 2, cache.max_len)
+  assert out.budgets() == tuple(tuple(b + press.room for b in bl) for bl in budgets)
+  for li in range(len(cache.layers)):
+    for b in range(2):
+      for h in range(2):
+        pos = np.asarray(cache.layers[li].groups[0].pos[b, h])
+        probs = np.asarray(scores[li][0][b, h])
+        want = _reference(press, probs, pos, int(lengths[b]), budgets[li][h])
+        assert kept_positions(out, li, b, h) == want, (li, b, h)
+        assert len(want) == min(budgets[li][h], int(lengths[b]))
+
+
+def test_pyramid_budgets_fall_arithmetically_with_the_uniform_total():
+  per = arithmetic_budgets(100 * 8, 8, 20.0, 1)
+  assert per == sorted(per, reverse=True) and abs(sum(per) - 800) <= 8
+  assert per[-1] == 5 and per[0] == 195
+  p = PyramidKV(32, window=8).layer_budgets(4, 2, 64)
+  assert p[0][0] > p[-1][0] and p[0] == (p[0][0],) * 2
+
+
+def test_bad_budgets_and_names_are_one_line_errors(press_inputs):
+  for bad in (0, -3, 1.5, 0.0, "half", True):
+    with pytest.raises(ValueError, match="budget"):
+      SnapKV(bad)
+  cache, scores, _ = press_inputs(1)
+  with pytest.raises(ValueError, match="above the prompt length 40"):
+    SnapKV(41, window=8)(cache, scores)
+  with pytest.raises(ValueError, match="below the observation window"):
+    SnapKV(4, window=8)(cache, scores)
+
+
+def test_generate_with_a_press_end_to_end(spread_decoder):
+  """A full budget keeps every prompt token: the same greedy tokens as no compression; a small
+  budget runs batch 2 and holds budget + room slots per head."""
+  from colm.config import ModelConfig
+  from kvcache import generate
+  cfg = ModelConfig.tiny(max_seq_len=128, n_kv_heads=2, n_heads=4, n_layers=2)
+  model = spread_decoder(cfg, 5)
+  rng = np.random.default_rng(62)
+  print("seed=62")
+  prompts = [rng.integers(0, cfg.vocab_size, 30).tolist(), rng.integers(0, cfg.vocab_size,
+                                                                        22).tolist()]
+  plain = generate(model, prompts, max_new_tokens=6, pad_to=32)
+  full = SnapKV(32, window=8, room=6)
+  assert generate(model, prompts, max_new_tokens=6, pad_to=32,
+                  compression=full.compression()) == plain
+  small = SnapKV(12, window=8, room=6)
+  out, info = generate(model, prompts, max_new_tokens=6, pad_to=32,
+                       compression=small.compression(), return_info=True)
+  assert [len(o) for o in out] == [6, 6]
+  assert info["cache"].budgets() == ((18, 18), (18, 18))
