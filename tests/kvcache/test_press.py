@@ -100,3 +100,30 @@ def test_generate_with_a_press_end_to_end(spread_decoder):
                        compression=small.compression(), return_info=True)
   assert [len(o) for o in out] == [6, 6]
   assert info["cache"].budgets() == ((18, 18), (18, 18))
+
+
+def test_query_agnostic_compression_then_the_question(spread_decoder):
+  """Compress the context alone (its own last tokens as the window), then prefill the question
+  onto the compressed cache: with a budget that keeps everything, the logits equal prefilling
+  context + question in one piece; a batch of 2 compresses in one call."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from colm.config import ModelConfig
+  from kvcache import init_cache, prefill
+  from kvcache.decode import apply_policy
+  cfg = ModelConfig.tiny(max_seq_len=128, n_kv_heads=2, n_heads=4, n_layers=2)
+  model = spread_decoder(cfg, 6)
+  graphdef, params = nnx.split(model)
+  rng = np.random.default_rng(63)
+  print("seed=63")
+  ctx = rng.integers(0, cfg.vocab_size, (2, 32)).astype(np.int32)
+  question = rng.integers(0, cfg.vocab_size, (2, 8)).astype(np.int32)
+  lengths = jnp.asarray([32, 32], jnp.int32)
+  _, cache, scores = prefill(graphdef, params, jnp.asarray(ctx), lengths,
+                             init_cache(cfg, 2, 32), score_window=8)
+  cache = apply_policy(SnapKV(32, window=8, room=8), cache, scores)
+  logits, _ = prefill(graphdef, params, jnp.asarray(question), jnp.asarray([8, 8]), cache)
+  whole, _ = prefill(graphdef, params, jnp.asarray(np.concatenate([ctx, question], 1)),
+                     jnp.asarray([40, 40]), init_cache(cfg, 2, 40))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(whole)[:, 32:], atol=2e-4)
