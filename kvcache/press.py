@@ -85,11 +85,14 @@ class Press:
     budget: prompt tokens kept per KV head: an int, or a float ratio in (0, 1] of the prompt.
     window: W, the observation window: the scores of the last W prompt queries, always kept.
     room: free slots per head after compression, for the tokens decoding writes.
+    bucket: slots per head rounded up to a multiple of this (the kept tokens stay exactly the
+      budget): budgets of one bucket give one cache shape, so decoding does not recompile.
   """
 
   budget: int | float
   window: int = 32
   room: int = 0
+  bucket: int = 1
 
   def __post_init__(self):
     b = self.budget
@@ -97,8 +100,9 @@ class Press:
       raise ValueError(f"budget must be an int (tokens) or a float ratio, got {b!r}")
     if (isinstance(b, float) and not 0.0 < b <= 1.0) or (isinstance(b, int) and b < 1):
       raise ValueError(f"budget {b!r} must be >= 1 tokens or a ratio in (0, 1]")
-    if self.window < 0 or self.room < 0:
-      raise ValueError(f"window and room must be >= 0, got {self.window}, {self.room}")
+    if self.window < 0 or self.room < 0 or self.bucket < 1:
+      raise ValueError(f"window and room must be >= 0 and bucket >= 1, got {self.window}, "
+                       f"{self.room}, {self.bucket}")
 
   # What a method fills in ----------------------------------------------------------------------
 
@@ -151,7 +155,8 @@ class Press:
       probs = None if scores is None else scores[li][0]
       imp = self.importance(li, probs, pos, cache.lengths)
       keeps.append(self.select(li, imp, pos, cache.lengths, budgets[li]))
-    new = tuple(tuple(n + self.room for n in bl) for bl in budgets)
+    new = tuple(tuple(-(-(n + self.room) // self.bucket) * self.bucket for n in bl)
+                for bl in budgets)
     return repack(cache, new, lambda li, h0, pos: keeps[li][:, h0:h0 + pos.shape[1]],
                   max_len=max(max(bl) for bl in new))
 

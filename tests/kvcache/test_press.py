@@ -127,3 +127,20 @@ def test_query_agnostic_compression_then_the_question(spread_decoder):
   whole, _ = prefill(graphdef, params, jnp.asarray(np.concatenate([ctx, question], 1)),
                      jnp.asarray([40, 40]), init_cache(cfg, 2, 40))
   np.testing.assert_allclose(np.asarray(logits), np.asarray(whole)[:, 32:], atol=2e-4)
+
+
+def test_budgets_of_one_bucket_share_the_decode_loop(spread_decoder):
+  from colm.config import ModelConfig
+  from kvcache import generate
+  from kvcache.decode import decode_loop
+  cfg = ModelConfig.tiny(max_seq_len=128, n_kv_heads=2, n_heads=4, n_layers=2)
+  model = spread_decoder(cfg, 7)
+  prompts = [list(range(3, 33)), list(range(40, 62))]
+  sizes = []
+  for budget in (12, 14, 16):
+    press = SnapKV(budget, window=8, room=6, bucket=8)
+    _, info = generate(model, prompts, max_new_tokens=4, pad_to=32,
+                       compression=press.compression(), return_info=True)
+    assert info["cache"].budgets() == ((24, 24), (24, 24))
+    sizes.append(decode_loop._cache_size())
+  assert sizes[1] == sizes[0] and sizes[2] == sizes[0]
