@@ -54,7 +54,7 @@ def spread_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
       treedef, [jnp.asarray(y, x.dtype) for x, y in zip(leaves, new)]))
 
 
-def _plot(rows: list[dict], traces: dict, path) -> None:
+def _plot(traces: dict, path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim}}
   path = write_results(tag, {**info, "rows": rows}, args.out)
   png = path.with_suffix(".png")
-  _plot(rows, traces, png)
+  _plot(traces, png)
   print(f"\n{'scheduler':>20} {'pages':>6} {'tok/s':>9} {'out tok/s':>9} {'compile s':>9} "
         f"{'prefill':>9} {'saving':>7} {'peak live':>9} {'peak all':>8} {'same':>5}")
   for r in rows:

@@ -514,6 +514,30 @@ def vartrack(n: int, length: int, *, seed: int, depth: float | None = None, toke
 # Aggregation families.
 
 
+def _word_list(rng: np.random.Generator, env: _Env, k: int,
+               entries: Callable[[int, np.ndarray, int], tuple[np.ndarray, dict]],
+               body: Callable[[list[str]], str], header: str, question: str, min_size: int,
+               keep_meta: Callable[[dict], dict]):
+  """The aggregation families' list: `entries(size, perm, n_words)` picks word indices (and their
+  meta) for a list of `size` words, shuffled per size; `body` writes the words out. The size is
+  fitted to the length; the answer is the first k words of the permutation."""
+  words = _words(env, k + 1)
+  perm = rng.permutation(len(words))
+  order_seed = int(rng.integers(2**62))
+  meta: dict[str, Any] = {}
+
+  def build(size: int) -> tuple[str, str]:
+    picked, info = entries(size, perm, len(words))
+    picked = np.random.default_rng([order_seed, size]).permutation(picked)
+    meta.update(info)
+    return header + "\n" + body([words[w] for w in picked]), question
+
+  size, ctx, q, tokens = _fit(build, env.count, env.length, min_size, env.length, None,
+                              env.family)
+  build(size)  # meta of the list kept
+  return ctx, q, [words[w] for w in perm[:k]], tokens, keep_meta(dict(meta))
+
+
 def common_words(n: int, length: int, *, seed: int, depth: None = None, tokenizer: Any = None,
                  source: str = "stdlib", split: str = "val", k: int = 10, common_freq: int = 30,
                  uncommon_freq: int = 3) -> list[Example]:
@@ -522,30 +546,21 @@ def common_words(n: int, length: int, *, seed: int, depth: None = None, tokenize
   c = common_freq, lowered to half the list over k on short lists but kept above u;
   u = uncommon_freq, raised when the corpus has too few distinct words for the list (always
   below c, so the answer is unique). The list's size is fitted to the length."""
+  def entries(size: int, perm: np.ndarray, n_words: int) -> tuple[np.ndarray, dict]:
+    c = max(uncommon_freq + 1, min(common_freq, size // (2 * k)))
+    rest = size - k * c
+    u = max(uncommon_freq, -(-rest // (n_words - k)))  # more repeats when words run short
+    if u >= c:
+      raise _Overflow(f"the corpus has {n_words} distinct words, too few for common_words "
+                      f"at length={length}")
+    m = -(-rest // u)  # distinct uncommon words
+    picked = np.concatenate([np.repeat(perm[:k], c), np.repeat(perm[k:k + m], u)[:rest]])
+    return picked, dict(common=c, uncommon=u, size=size)
+
   def one(rng, env, _):
-    words = _words(env, k + 1)
-    perm = rng.permutation(len(words))
-    order_seed = int(rng.integers(2**62))
-    meta: dict[str, Any] = {}
-
-    def build(size: int) -> tuple[str, str]:
-      c = max(uncommon_freq + 1, min(common_freq, size // (2 * k)))
-      rest = size - k * c
-      u = max(uncommon_freq, -(-rest // (len(words) - k)))  # more repeats when words run short
-      if u >= c:
-        raise _Overflow(f"the corpus has {len(words)} distinct words, too few for common_words "
-                        f"at length={length}")
-      m = -(-rest // u)  # distinct uncommon words
-      entries = np.concatenate([np.repeat(perm[:k], c), np.repeat(perm[k:k + m], u)[:rest]])
-      entries = np.random.default_rng([order_seed, size]).permutation(entries)
-      meta.update(common=c, uncommon=u, size=size)
-      body = " ".join(f"{i + 1}. {words[w]}" for i, w in enumerate(entries))
-      return CWE_HEADER + "\n" + body, CWE_Q.format(k=k)
-
-    size, ctx, q, tokens = _fit(build, env.count, env.length, k * (uncommon_freq + 1),
-                                env.length, None, env.family)
-    build(size)  # meta of the list kept
-    return ctx, q, [words[w] for w in perm[:k]], tokens, dict(meta)
+    return _word_list(rng, env, k, entries, lambda ws: " ".join(
+        f"{i + 1}. {w}" for i, w in enumerate(ws)), CWE_HEADER, CWE_Q.format(k=k),
+        k * (uncommon_freq + 1), lambda meta: meta)
   if not 1 <= uncommon_freq < common_freq or k < 1:
     raise ValueError(f"need k >= 1 and 1 <= uncommon_freq < common_freq, got k={k}, "
                      f"uncommon_freq={uncommon_freq}, common_freq={common_freq}")
@@ -574,26 +589,16 @@ def frequent_words(n: int, length: int, *, seed: int, depth: None = None, tokeni
   """Frequent words extraction (RULER fwe): corpus words with Zipf(alpha) frequencies
   (zipf_counts) in random order; ask the k most frequent. The word count is fitted to the
   length."""
+  def entries(size: int, perm: np.ndarray, n_words: int) -> tuple[np.ndarray, dict]:
+    counts = zipf_counts(size, k, alpha)
+    if len(counts) > n_words:
+      raise _Overflow(f"the corpus has {n_words} distinct words, too few for "
+                      f"frequent_words at length={length} (needs {len(counts)})")
+    return np.repeat(perm[:len(counts)], counts), dict(counts=counts, size=size)
+
   def one(rng, env, _):
-    words = _words(env, k + 1)
-    perm = rng.permutation(len(words))
-    order_seed = int(rng.integers(2**62))
-    meta: dict[str, Any] = {}
-
-    def build(size: int) -> tuple[str, str]:
-      counts = zipf_counts(size, k, alpha)
-      if len(counts) > len(words):
-        raise _Overflow(f"the corpus has {len(words)} distinct words, too few for "
-                        f"frequent_words at length={length} (needs {len(counts)})")
-      entries = np.repeat(perm[:len(counts)], counts)
-      entries = np.random.default_rng([order_seed, size]).permutation(entries)
-      meta.update(counts=counts, size=size)
-      body = " ".join(words[w] for w in entries)
-      return FWE_HEADER.format(k=k) + "\n" + body, FWE_Q.format(k=k)
-
-    size, ctx, q, tokens = _fit(build, env.count, env.length, 1, env.length, None, env.family)
-    build(size)  # meta of the list kept
-    return ctx, q, [words[w] for w in perm[:k]], tokens, {"counts": meta["counts"][:k + 1]}
+    return _word_list(rng, env, k, entries, " ".join, FWE_HEADER.format(k=k), FWE_Q.format(k=k),
+                      1, lambda meta: {"counts": meta["counts"][:k + 1]})
   if k < 1 or alpha <= 0:
     raise ValueError(f"need k >= 1 and alpha > 0, got k={k}, alpha={alpha}")
   return _generate("frequent_words", n, length, seed, depth, tokenizer, source, split, one,

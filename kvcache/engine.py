@@ -33,7 +33,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from kvcache.paged import _bucket, paged_decode_step, paged_prefill, prefix_groups
-from kvcache.pool import PagePool, copy_pages, init_paged_kv
+from kvcache.pool import PagePool, apply_copies, init_paged_kv
 from kvcache.radix import RadixTree
 
 if TYPE_CHECKING:
@@ -115,6 +115,7 @@ class Metrics:
     total = self.prompt_tokens + self.output_tokens
     saved = self.prompt_tokens - self.prefill_tokens
     best = self.prompt_tokens - self.tree_tokens
+    hist, edges = np.histogram(1e3 * np.asarray(self.step_s or [0.0]), bins=12)
     return {
         "wall_s": self.wall_s, "compile_s": self.compile_s, "steps": self.steps,
         "compile_steps": int(np.sum(self.compiled)),
@@ -132,10 +133,7 @@ class Metrics:
         "peak_pages": self.peak_pages, "page_seconds": self.page_seconds,
         "peak_live_pages": max(self.live_pages, default=0),
         "live_page_seconds": float(np.dot(self.live_pages, self.step_s)) if self.step_s else 0.0,
-        "step_ms_histogram": np.histogram(1e3 * np.asarray(self.step_s or [0.0]), bins=12)[0]
-        .tolist(),
-        "step_ms_edges": np.histogram(1e3 * np.asarray(self.step_s or [0.0]), bins=12)[1]
-        .tolist(),
+        "step_ms_histogram": hist.tolist(), "step_ms_edges": edges.tolist(),
     }
 
 
@@ -195,9 +193,13 @@ class LPM(FCFS):
     if fallback is None:
       self.name = "lpm_nofallback"
 
+  def start(self, engine: Engine, waiting: list[int]) -> None:
+    super().start(engine, waiting)
+    self._sorted_at = None  # (tree version, waiting count) of the last sort
+
   def admit(self, engine: Engine) -> None:
     sort = self.fallback is None or len(self.waiting) <= self.fallback
-    if sort and getattr(self, "_sorted_at", None) != (engine.tree.version, len(self.waiting)):
+    if sort and self._sorted_at != (engine.tree.version, len(self.waiting)):
       match = {i: engine.tree.match(engine.requests[i].prompt[:-1])[0] for i in self.waiting}
       self.waiting = collections.deque(sorted(self.waiting, key=lambda i: -match[i]))
       self._sorted_at = (engine.tree.version, len(self.waiting))  # re-sorted when either moves
@@ -226,11 +228,6 @@ class Engine:
       self.tree.evict(pages)
     return self.pool.free_pages >= pages
 
-  def copy(self, copies) -> None:
-    if copies:
-      self.kv = copy_pages(self.kv, jnp.asarray([c[0] for c in copies], jnp.int32),
-                           jnp.asarray([c[1] for c in copies], jnp.int32))
-
   def try_admit(self, i, req: Request | None = None, shared: tuple[list[int], int] | None = None,
                 new_tokens: int | None = None, group=None) -> bool:
     """Admits request i (or a scheduler's own sequence i for `req`, e.g. a group prefix) if its
@@ -251,8 +248,8 @@ class Engine:
     m, pages = reuse()  # an eviction may have dropped part of the match
     if self.pool.free_pages < total - m // self.cfg.page_size:
       return False
-    self.copy(self.pool.add(i, pages, m))
-    self.copy(self.pool.extend(i, len(req.prompt) - m + room))
+    self.kv = apply_copies(self.kv, self.pool.add(i, pages, m))
+    self.kv = apply_copies(self.kv, self.pool.extend(i, len(req.prompt) - m + room))
     self.running[i] = Seq(i, req, m, group=group)
     return True
 
@@ -365,8 +362,7 @@ class Engine:
 
   def _tables(self, seqs: list[Seq]):
     bb = _bucket(len(seqs))
-    tables, _ = self.pool.page_tables([s.idx for s in seqs])
-    return bb, jnp.asarray(np.pad(tables, ((0, bb - len(seqs)), (0, 0))))
+    return bb, jnp.asarray(self.pool.page_tables([s.idx for s in seqs], rows=bb)[0])
 
   def _prefix(self, scheduler, seqs, bb):
     return prefix_groups(scheduler.prefix_rows(self, seqs), bb, self.cfg.page_size)

@@ -25,7 +25,7 @@ from flax import nnx
 
 from kvcache.attention import cache_attention
 from kvcache.cache import HeadGroup, LayerCache
-from kvcache.pool import PagedKV, PagePool, copy_pages, init_paged_kv
+from kvcache.pool import PagedKV, PagePool, apply_copies, init_paged_kv
 from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
 from pallas_kernels.merge import merge_attention
@@ -302,11 +302,7 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
     """A sequence for `tokens`: the tree's longest stored prefix (all but the last token at
     most) reused, pages for the rest and `room` more. Returns (reused tokens, kv)."""
     m, pages = tree.match(tokens[:-1])
-    copies = pool.add(seq, pages, m) + pool.extend(seq, len(tokens) - m + room)
-    if copies:
-      return m, copy_pages(kv, jnp.asarray([c[0] for c in copies]),
-                           jnp.asarray([c[1] for c in copies]))
-    return m, kv
+    return m, apply_copies(kv, pool.add(seq, pages, m) + pool.extend(seq, len(tokens) - m + room))
 
   def run_prefill(seqs, rests, starts, prefix):
     bb = _bucket(len(seqs))
@@ -314,8 +310,7 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
     toks = np.zeros((bb, t), np.int32)
     for j, r in enumerate(rests):
       toks[j, :len(r)] = r
-    tables, _ = pool.page_tables(seqs)
-    tables = np.pad(tables, ((0, bb - len(seqs)), (0, 0)))
+    tables, _ = pool.page_tables(seqs, rows=bb)
     return paged_prefill(graphdef, params, kv, jnp.asarray(toks),
                          jnp.asarray(np.pad(starts, (0, bb - len(seqs)))),
                          jnp.asarray(np.pad([len(r) for r in rests], (0, bb - len(seqs)))),
@@ -355,8 +350,7 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
   prefill_pages = pool.pages_in_use
   b = len(prompts)
   bb = _bucket(b)
-  tables, lengths = pool.page_tables(list(range(b)))
-  tables = np.pad(tables, ((0, bb - b), (0, 0)))
+  tables, _ = pool.page_tables(list(range(b)), rows=bb)
   prefix = prefix_groups(shared, bb, page_size) if shared_attention else None
   out = [[f] for f in firsts]
   tok = np.zeros(bb, np.int32)

@@ -67,6 +67,14 @@ def copy_pages(kv: PagedKV, src: jax.Array, dst: jax.Array) -> PagedKV:
                  tuple(v.at[:, dst].set(v[:, src]) for v in kv.v))
 
 
+def apply_copies(kv: PagedKV, copies: list[tuple[int, int]]) -> PagedKV:
+  """kv with the pool's copy-on-write copies [(src, dst)] run (copy_pages); kv itself if none."""
+  if not copies:
+    return kv
+  return copy_pages(kv, jnp.asarray([c[0] for c in copies], jnp.int32),
+                    jnp.asarray([c[1] for c in copies], jnp.int32))
+
+
 class PagePool:
   """Host-side bookkeeping of a pool of `num_pages` pages of `page_size` tokens.
 
@@ -207,15 +215,22 @@ class PagePool:
     t = np.arange(start, start + n)
     return np.stack([np.asarray(table, np.int64)[t // self.page_size], t % self.page_size], -1)
 
-  def page_tables(self, seqs, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(tables int32 [len(seqs), W] padded with 0, lengths int32 [len(seqs)]) for a jit step;
-    W defaults to the longest table rounded up to a power of two (a bucket)."""
+  def page_tables(self, seqs, width: int | None = None, rows: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(tables int32 [R, W] padded with 0, lengths int32 [R]) for a jit step; W defaults to the
+    longest table rounded up to a power of two (a bucket), R to len(seqs) (rows past the
+    sequences: page 0, length 0, as bucketed batches pad)."""
     tabs = [self._tables[self._known(s)] for s in seqs]
     longest = max([len(t) for t in tabs] + [1])
     w = width or 1 << (longest - 1).bit_length()
     if w < longest:
       raise ValueError(f"page-table width {w} is below the longest table ({longest} pages)")
-    out = np.zeros((len(tabs), w), np.int32)
-    for i, t in enumerate(tabs):
+    r = len(tabs) if rows is None else rows
+    if r < len(tabs):
+      raise ValueError(f"rows {r} is below the number of sequences ({len(tabs)})")
+    out = np.zeros((r, w), np.int32)
+    lengths = np.zeros(r, np.int32)
+    for i, (s, t) in enumerate(zip(seqs, tabs)):
       out[i, :len(t)] = t
-    return out, np.asarray([self._lengths[s] for s in seqs], np.int32)
+      lengths[i] = self._lengths[s]
+    return out, lengths

@@ -111,6 +111,10 @@ def test_page_tables_are_bucketed_and_device_copies_run():
   assert tables.shape == (2, 4) and lengths.tolist() == [3, 13]  # 4 pages -> width 4
   pool.extend("b", 4)
   assert pool.page_tables(["a", "b"])[0].shape == (2, 8)  # 5 pages -> the next bucket
+  padded, plen = pool.page_tables(["b", "a"], rows=4)  # a batch bucket: rows past them empty
+  assert padded.shape == (4, 8) and plen.tolist() == [17, 3, 0, 0] and not padded[2:].any()
+  with pytest.raises(ValueError, match="rows 1 is below the number of sequences"):
+    pool.page_tables(["a", "b"], rows=1)
   cfg = ModelConfig.tiny(n_layers=2)
   kv = init_paged_kv(cfg, 16, 4)
   kv.k = tuple(k.at[:, 3].set(1.0) for k in kv.k)  # [K, P, S, E]
