@@ -125,6 +125,12 @@ class Example:
   def answers(self) -> list[str]:
     return [self.answer] if isinstance(self.answer, str) else list(self.answer)
 
+  @property
+  def target(self) -> str:
+    """The continuation a model is trained to produce after prompt(): " a, b, c." (the answers
+    in order, comma-separated, a full stop last); score(self, self.target) is 1."""
+    return " " + ", ".join(self.answers) + "."
+
 
 # --------------------------------------------------------------------------------------------------
 # Scoring.

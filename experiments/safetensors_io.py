@@ -52,6 +52,13 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
   return header, 8 + n
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+  """The header's "__metadata__" mapping ({} when there is none)."""
+  with Path(path).open("rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(n)).get("__metadata__", {})
+
+
 def read_tensor(path: Path, name: str, header: dict[str, dict], offset: int) -> np.ndarray:
   """The tensor `name` of the file, memory-mapped (read-only)."""
   info = header[name]
