@@ -26,6 +26,7 @@ BENCHMARKS = {
     "prefill": "experiments.bench_prefill",
     "paged": "experiments.bench_paged",
     "batch": "experiments.bench_batch",
+    "press": "experiments.bench_press",
     "attention": "experiments.bench_attention",
     "colm": "experiments.bench_colm",
     "s2": "experiments.bench_s2",

@@ -207,7 +207,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
              stop_tokens: Sequence[int] = (), num_chains: int | None = None,
              max_len: int | None = None, pad_to: int = 64, budgets=None,
              compression: Compression | None = None, decode_attn: str = "auto",
-             return_info: bool = False):
+             suffixes: Sequence[Sequence[int]] | None = None, return_info: bool = False):
   """Generates continuations for a batch of prompts of different lengths.
 
   Args:
@@ -223,6 +223,10 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
     budgets: per-layer / per-KV-head slot budgets of the cache (see init_cache).
     compression: a policy applied after prefill (and every `compression.every` steps).
     decode_attn: the cache's decode attention ('auto', 'reference', 'pallas').
+    suffixes: query-agnostic compression: per prompt, tokens (each list non-empty) prefilled onto
+      the cache after the compression policy ran on the prompt alone (the question asked after
+      the context was compressed); generation continues from their last token. The compressed
+      cache needs room for them (a press's `room`).
     return_info: also return {'cache': the final cache, 'logits': float32 [B, n, V] the logits
       each generated token was drawn from}.
   Returns:
@@ -236,10 +240,14 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   longest = max(len(p) for p in prompts)
+  if suffixes is not None and (len(suffixes) != len(prompts) or any(len(x) == 0 for x in suffixes)):
+    raise ValueError(f"suffixes must hold one non-empty token list per prompt ({len(prompts)}), "
+                     f"got {len(suffixes)} lists")
+  extra = 0 if suffixes is None else max(len(x) for x in suffixes)
   prompt_only = compression is not None and compression.prefill_room
-  if longest + (0 if prompt_only else max_new_tokens) > max_len:
-    raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                     f"cache length {max_len}")
+  if longest + extra + (0 if prompt_only else max_new_tokens) > max_len:
+    raise ValueError(f"prompt of {longest} tokens (+ {extra} suffix tokens) + max_new_tokens="
+                     f"{max_new_tokens} exceeds the cache length {max_len}")
   t = min(max_len, -(-longest // pad_to) * pad_to)
   tokens = np.zeros((len(prompts), t), np.int32)
   for i, p in enumerate(prompts):
@@ -251,7 +259,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   else:
     cache = init_cache(cfg, len(prompts), max_len, budgets=budgets, decode_attn=decode_attn)
     smallest = min(min(x) for x in cache.budgets())
-    if compression is None and longest + max_new_tokens > smallest:
+    if compression is None and longest + extra + max_new_tokens > smallest:
       raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                        f"the smallest budget {smallest} (pass a compression policy to evict)")
   window = compression.window if compression is not None else 0
@@ -259,6 +267,13 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
   logits, cache = res[:2]
   if compression is not None:
     cache = apply_policy(compression.policy, cache, res[2] if window else None)
+  if suffixes is not None:  # the question, prefilled onto the compressed cache
+    ts = -(-extra // 16) * 16
+    tokens = np.zeros((len(prompts), ts), np.int32)
+    for i, x in enumerate(suffixes):
+      tokens[i, : len(x)] = x
+    lengths = np.asarray([len(x) for x in suffixes], np.int32)
+    logits, cache = prefill(graphdef, params, tokens, lengths, cache, num_chains)
   key0, key = jax.random.split(jax.random.key(seed))
   last = logits[jnp.arange(len(prompts)), lengths - 1]
   first = sample(last, key0, sampling)
