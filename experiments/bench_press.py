@@ -39,16 +39,20 @@ BUDGETS = (0.5, 0.25, 0.12, 0.06)
 ROOM = 128  # free slots per head after compression: the question (query-agnostic) and the answer
 
 
+OPTIONS: dict = {}  # method -> field overrides (--gamma, --beta), set by main
+
+
 def make_press(method: str, budget: float | int, *, room: int = ROOM, task: str = "localization",
                bucket: int = 16):
-  """The press of a method name (WindowKV: for the task type `task`)."""
+  """The press of a method name (WindowKV: for the task type `task`), with OPTIONS applied."""
   from kvcache import H2O, PyramidKV, SnapKV, StreamingLLM, WindowKV
   classes = {"streamingllm": StreamingLLM, "h2o": H2O, "snapkv": SnapKV, "pyramidkv": PyramidKV}
   if method == "windowkv":
-    return WindowKV.for_task(task, budget, room=room, bucket=bucket)
+    return WindowKV.for_task(task, budget, room=room, bucket=bucket,
+                             **OPTIONS.get(method, {}))
   if method not in classes:
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-  return classes[method](budget, room=room, bucket=bucket)
+  return classes[method](budget, room=room, bucket=bucket, **OPTIONS.get(method, {}))
 
 
 def _encode(tok, text: str) -> list[int]:
@@ -167,10 +171,18 @@ def main(argv=None) -> dict:
   ap.add_argument("--speed-presets", nargs="*", default=["trained", "base"],
                   help="models of the speed section: 'trained' (the --model's shape) and presets")
   ap.add_argument("--sections", nargs="+", default=["speed", "aware", "grid", "agnostic"])
+  ap.add_argument("--gamma", type=int, default=None, help="WindowKV's index-sharing group size "
+                  "(default the paper's 4)")
+  ap.add_argument("--beta", type=float, default=None, help="PyramidKV's beta (default 20)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None)
   ap.add_argument("--name", default="press")
   args = ap.parse_args(argv)
+  OPTIONS.clear()
+  if args.gamma is not None:
+    OPTIONS["windowkv"] = {"gamma": args.gamma}
+  if args.beta is not None:
+    OPTIONS["pyramidkv"] = {"beta": args.beta}
   for m in args.methods:
     make_press(m, 0.5)  # unknown names: a one-line error first
   for b in args.budgets:
@@ -189,7 +201,7 @@ def main(argv=None) -> dict:
   sections = [s for s in args.sections if not (args.quick and s == "speed")]
   res: dict = {"model": str(args.model), "model_info": info, "length": length, "n": n,
                "methods": args.methods, "budgets": args.budgets, "task_switch": args.task_switch,
-               "room": ROOM, "max_new": args.max_new}
+               "room": ROOM, "max_new": args.max_new, "options": dict(OPTIONS)}
   out_dir = Path(args.out) if args.out else RESULTS_DIR
   t_start = time.time()
 
