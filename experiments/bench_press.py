@@ -173,14 +173,17 @@ def main(argv=None) -> dict:
   ap.add_argument("--sections", nargs="+", default=["speed", "aware", "grid", "agnostic"])
   ap.add_argument("--gamma", type=int, default=None, help="WindowKV's index-sharing group size "
                   "(default the paper's 4)")
+  ap.add_argument("--lam", type=float, default=None, help="WindowKV's budget pyramid lambda "
+                  "(default 14; 1 = equal budgets)")
   ap.add_argument("--beta", type=float, default=None, help="PyramidKV's beta (default 20)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None)
   ap.add_argument("--name", default="press")
   args = ap.parse_args(argv)
   OPTIONS.clear()
-  if args.gamma is not None:
-    OPTIONS["windowkv"] = {"gamma": args.gamma}
+  wk = {k: v for k, v in (("gamma", args.gamma), ("lam", args.lam)) if v is not None}
+  if wk:
+    OPTIONS["windowkv"] = wk
   if args.beta is not None:
     OPTIONS["pyramidkv"] = {"beta": args.beta}
   for m in args.methods:
