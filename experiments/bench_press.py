@@ -101,8 +101,8 @@ def run_examples(model, tok, examples, method: str | None, budget, *, query_awar
 def decode_speed(cfg, batch: int, prompt: int, new: int, presses: dict, repeats: int = 2
                  ) -> list[dict]:
   """Decode tokens/s after a random `prompt`-token prompt: the full cache, then each press."""
-  from kvcache import SamplingConfig, apply_policy, decode_loop, init_cache, prefill
   from colm.model import Decoder
+  from kvcache import SamplingConfig, apply_policy, decode_loop, init_cache, prefill
   model = Decoder(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   rng = np.random.default_rng(0)
@@ -309,8 +309,11 @@ def summary(res: dict) -> None:
       cells = []
       for b in res["budgets"]:
         r = by_b.get(str(b), {})
-        cells.append("error" if "error" in r else
-                     f"{r['by_family']['all']:.3f} ({r['by_family']['all'] / max(full['all'], 1e-9):.2f})")
+        if "error" in r:
+          cells.append("error")
+          continue
+        acc = r["by_family"]["all"]
+        cells.append(f"{acc:.3f} ({acc / max(full['all'], 1e-9):.2f})")
       print(f"{m:12} " + " ".join(f"{c:>12}" for c in cells))
   for preset, sp in res.get("speed", {}).items():
     print(f"\nspeed {preset}: batch {sp['batch']}, prompt {sp['prompt']}, budget {sp['budget']}")

@@ -75,6 +75,7 @@ class TableSpec:
   columns: tuple[tuple[str, str, Formatter], ...]  # (header, row key, cell formatter)
   note: Callable[[dict], str | None] = lambda payload: None  # a line under the table, from extras
   keep: Callable[[dict], bool] = lambda row: True  # which rows the table shows
+  rows: Callable[[dict], list[dict]] | None = None  # rows derived from a nested payload
 
 
 def _train_note(p: dict) -> str | None:
@@ -113,6 +114,42 @@ def _s2_bench_note(p: dict) -> str | None:
           f"{shape.get('kv_heads')} KV heads; S2 block {p.get('block_size')}, local "
           f"{p.get('local_blocks')} blocks, vertical stride {p.get('stride')}. `s2_hybrid4`: the "
           f"last layer of four dense.")
+
+
+def press_rows(p: dict) -> list[dict]:
+  """bench press: one row per mode, method and budget (score, share of the full cache's,
+  localization / aggregation scores, KV held), then the speed rows (mode 'speed ...')."""
+  out = []
+  for mode in ("aware", "agnostic"):
+    if mode not in p:
+      continue
+    full = p[mode]["full"]["1.0"]["by_family"]["all"]
+    for method, by_b in p[mode].items():
+      for budget, r in by_b.items():
+        if "error" in r:
+          continue
+        fam = r["by_family"]
+        out.append({"mode": "query-aware" if mode == "aware" else "query-agnostic",
+                    "method": method, "budget": float(budget), "score": fam["all"],
+                    "share of full": fam["all"] / full if full else None,
+                    "localization": fam.get("localization"), "aggregation": fam.get("aggregation"),
+                    "KV held": r.get("kv_fraction", 1.0),
+                    "needle grid": (p.get("grid", {}).get(method, {}).get("mean")
+                                    if float(budget) in (1.0, p.get("grid_budget")) else None)})
+  for preset, sp in p.get("speed", {}).items():
+    for r in sp["rows"]:
+      out.append({"mode": f"speed: {preset}, batch {sp['batch']}, {sp['prompt']} tokens",
+                  "method": r["method"], "budget": 1.0 if r["method"] == "full" else sp["budget"],
+                  "KV held": r["kv_fraction"], "decode tokens/s": r["tokens_per_s"],
+                  "speed-up": r["speedup_vs_full"]})
+  return out
+
+
+def longctx_rows(p: dict) -> list[dict]:
+  """longctx_train: exact match per family at each evaluation step."""
+  fams = list(p.get("final", {}))
+  return [{"step": e["step"], **{f: e[f] for f in fams if f != "needle_grid"},
+           "needle grid": e["needle_grid"]["mean"]} for e in p.get("evals", [])]
 
 
 SPECS: dict[str, TableSpec] = {
@@ -232,6 +269,35 @@ SPECS: dict[str, TableSpec] = {
                         f"{table_rows(p)[0].get('token_budget')}, chunk "
                         f"{table_rows(p)[0].get('chunk')}. tokens/s: prompt + output tokens of "
                         f"all requests over the time of the steps that compiled nothing.")),
+    "press": TableSpec(
+        columns=(("mode", "mode", _plain), ("method", "method", _plain),
+                 ("budget", "budget", _pct), ("score", "score", lambda v: f"{v:.3f}"),
+                 ("share of full", "share of full", _pct),
+                 ("localization", "localization", lambda v: f"{v:.3f}"),
+                 ("aggregation", "aggregation", lambda v: f"{v:.3f}"),
+                 ("needle grid", "needle grid", _pct), ("KV held", "KV held", _pct),
+                 ("decode tokens/s", "decode tokens/s", _rate), ("speed-up", "speed-up", _x)),
+        rows=press_rows,
+        note=lambda p: (f"Suite at {p.get('length')} tokens, {p.get('n')} examples per family "
+                        f"(7 families), greedy, exact scorers; KV held: bytes of K/V after "
+                        f"compression over the full cache's, {p.get('room')} free slots per head "
+                        f"included; needle grid at budget {p.get('grid_budget')}; WindowKV's "
+                        f"task switch: {p.get('task_switch')} (accuracy "
+                        f"{p.get('classifier_accuracy')}); press options "
+                        f"{p.get('options') or 'none (the papers defaults)'}.")),
+    "longctx_train": TableSpec(
+        columns=(("step", "step", _plain), ("needle", "needle", _pct),
+                 ("multikey", "multikey", _pct), ("multivalue", "multivalue", _pct),
+                 ("passkey", "passkey", _pct), ("vartrack", "vartrack", _pct),
+                 ("common_words", "common_words", _pct),
+                 ("frequent_words", "frequent_words", _pct), ("needle grid", "needle grid", _pct)),
+        rows=longctx_rows,
+        keep=lambda r: r["step"] % 2000 == 0 or r["step"] % 500 != 0,
+        note=lambda p: (f"Teacher-forced exact match of the whole target on {p.get('eval_n')} "
+                        f"val examples per family at {max(p.get('lengths', [0]))} tokens; "
+                        f"{_count(p.get('params', 0))} parameters, prompt lengths "
+                        f"{p.get('lengths')}, {p.get('steps')} steps of "
+                        f"{1e3 * (p.get('step_s_median') or 0):.1f} ms.")),
     "s2_experiments": TableSpec(
         columns=(("config", "config", _plain), ("val loss", "val_loss", _plain),
                  ("vs dense", "val_loss_vs_dense", _signed_pct),
@@ -298,7 +364,7 @@ def environment_line(env: dict) -> str:
 def render_table(payload: dict) -> str:
   """One results payload {name, environment, rows, ...} -> a markdown table and its footer."""
   spec = spec_for(payload.get("name", "")) or _generic_spec(payload)
-  rows = [r for r in table_rows(payload) if spec.keep(r)]
+  rows = [r for r in (spec.rows or table_rows)(payload) if spec.keep(r)]
   cols = [c for c in spec.columns if any(c[1] in r for r in rows)]
   lines = []
   if cols:

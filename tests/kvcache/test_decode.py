@@ -215,3 +215,18 @@ def test_compression_hook_after_prefill_and_every_step(model_1, prompts, spread_
   assert held == 2 + 5  # sink + window, whatever ran past the last token
   _, plain = generate(model_1, [p], max_new_tokens=8, pad_to=16, return_info=True)
   assert np.abs(plain["logits"][0, 1:] - info["logits"][0, 1:]).max() > 1e-2  # it evicted
+
+
+def test_suffixes_prefilled_after_the_prompt_equal_one_prompt(model_1, prompts, greedy_batch):
+  """Query-agnostic generation without compression: prompt, then suffix onto the cache, is the
+  prompt + suffix in one piece (the same greedy tokens)."""
+  split = [max(1, len(p) // 2) for p in prompts]
+  out = generate(model_1, [p[:s] for p, s in zip(prompts, split)], max_new_tokens=8, pad_to=16,
+                 stop_tokens=[model_1.cfg.vocab_size],
+                 suffixes=[p[s:] or p[-1:] for p, s in zip(prompts, split)])
+  whole = [p if p[s:] else p + p[-1:] for p, s in zip(prompts, split)]
+  want = generate(model_1, whole, max_new_tokens=8, pad_to=16,
+                  stop_tokens=[model_1.cfg.vocab_size])
+  assert out == want
+  with pytest.raises(ValueError, match="one non-empty token list per prompt"):
+    generate(model_1, prompts, max_new_tokens=2, suffixes=[[1]])
