@@ -199,3 +199,54 @@ def _tiny_config(tmp_path, corpus, name: str = "run", *extra: str):
 def tiny_config():
   """make(tmp_path, corpus, name='run', *overrides) -> the TrainConfig of a 6-step tiny run."""
   return _tiny_config
+
+
+# Press inputs (kvcache presses and mpc's MPCache) ---------------------------------------------
+
+def _press_inputs(seed, *, b=2, n_layers=4, kv=2, g=3, n=40, w=8, lengths=(40, 29)):
+  """(cache, scores, lengths): a prefill-like cache (slot n holds position n while n < length,
+  else empty; random K / V) and random window probabilities [B, K, G, W, N] per layer."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  from colm.config import ModelConfig
+  from kvcache.cache import HeadGroup, init_cache
+  rng = np.random.default_rng(seed)
+  cfg = ModelConfig.tiny(n_layers=n_layers, n_kv_heads=kv, n_heads=kv * g, head_dim=8)
+  cache = init_cache(cfg, b, n)
+  lengths = np.asarray(lengths[:b], np.int32)
+  pos = np.where(np.arange(n)[None] < lengths[:, None], np.arange(n)[None], -1)
+  pos = np.broadcast_to(pos[:, None], (b, kv, n)).astype(np.int32)
+  layers, scores = [], []
+  for layer in cache.layers:
+    k, v = (jnp.asarray(rng.standard_normal((b, kv, n, 8)), jnp.float32) for _ in range(2))
+    layers.append(dataclasses.replace(layer, groups=(HeadGroup(k, v, jnp.asarray(pos)),)))
+    logits = rng.standard_normal((b, kv, g, w, n)) * 2
+    logits = np.where(pos[:, :, None, None] >= 0, logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    scores.append((jnp.asarray(p / p.sum(-1, keepdims=True), jnp.float32),))
+  return dataclasses.replace(cache, layers=tuple(layers), lengths=jnp.asarray(lengths)), \
+      tuple(scores), lengths
+
+
+def _kept_positions(cache, layer, b, h):
+  """The positions a compressed cache holds for (layer, sequence, KV head), as a set."""
+  g = cache.layers[layer].groups
+  heads = [(grp, h0) for grp, (h0, h1) in zip(g, cache.layers[layer].head_ranges())
+           if h0 <= h < h1]
+  grp, h0 = heads[0]
+  p = np.asarray(grp.pos[b, h - h0])
+  return set(p[p >= 0].tolist())
+
+
+@pytest.fixture
+def press_inputs():
+  """press_inputs(seed, **shape) -> (cache, scores, lengths); see _press_inputs."""
+  return _press_inputs
+
+
+@pytest.fixture
+def kept_positions():
+  """kept_positions(cache, layer, b, h) -> set of positions held."""
+  return _kept_positions

@@ -163,8 +163,9 @@ def test_extracted_sub_model_equals_full_model_at_k_chains(variant):
     assert sub_cfg.chain_heads == cfg.chain_heads[:k]
     assert sub_cfg.num_params() == cfg.num_params(k)
     assert sum(x.size for x in sub_params.values()) == cfg.num_params(k)
+    # Float32 rounding differs between the two graphs (XLA fuses them differently): ~6e-6 seen.
     np.testing.assert_allclose(scales(sub_cfg, sub_params, tokens)[1][-1], full[k - 1],
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=2e-5)
   with pytest.raises(ValueError, match="chains=0"):
     extract(cfg, params, 0)
 
