@@ -39,6 +39,12 @@ BUDGETS = (0.5, 0.25, 0.12, 0.06)
 ROOM = 128  # free slots per head after compression: the question (query-agnostic) and the answer
 
 
+# MPCache (mpc.mpcache): static eviction alone, + the paper's two-level dynamic selection (50% of
+# 32-token clusters, then 20% of 16-token children), + one level of 20% (what mpc.secure runs).
+MPCACHE = {"mpcache": None, "mpcache-dyn": {"keep1": 0.5, "child": 16, "keep2": 0.2},
+           "mpcache-dyn1": {"keep1": 0.2, "child": 0}}
+MPCACHE_WINDOW = 512  # window queries scored; MPCache uses the last 20% of the prompt's (<= this)
+
 OPTIONS: dict = {}  # method -> field overrides (--gamma, --beta), set by main
 
 
@@ -50,8 +56,13 @@ def make_press(method: str, budget: float | int, *, room: int = ROOM, task: str 
   if method == "windowkv":
     return WindowKV.for_task(task, budget, room=room, bucket=bucket,
                              **OPTIONS.get(method, {}))
+  if method in MPCACHE:
+    from mpc.mpcache import Dynamic, MPCache
+    dyn = MPCACHE[method]
+    return MPCache(budget, window=MPCACHE_WINDOW, room=room, bucket=bucket,
+                   dynamic=None if dyn is None else Dynamic(**dyn), **OPTIONS.get(method, {}))
   if method not in classes:
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS + tuple(MPCACHE))}")
   return classes[method](budget, room=room, bucket=bucket, **OPTIONS.get(method, {}))
 
 
@@ -176,6 +187,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--lam", type=float, default=None, help="WindowKV's budget pyramid lambda "
                   "(default 14; 1 = equal budgets)")
   ap.add_argument("--beta", type=float, default=None, help="PyramidKV's beta (default 20)")
+  ap.add_argument("--tau", type=float, default=None, help="MPCache's static threshold "
+                  "(default 1e-3)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None)
   ap.add_argument("--name", default="press")
@@ -186,6 +199,9 @@ def main(argv=None) -> dict:
     OPTIONS["windowkv"] = wk
   if args.beta is not None:
     OPTIONS["pyramidkv"] = {"beta": args.beta}
+  if args.tau is not None:
+    for m in MPCACHE:
+      OPTIONS[m] = {"tau": args.tau}
   for m in args.methods:
     make_press(m, 0.5)  # unknown names: a one-line error first
   for b in args.budgets:

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "paged": "experiments.bench_paged",
     "batch": "experiments.bench_batch",
     "press": "experiments.bench_press",
+    "mpc": "experiments.bench_mpc",
     "attention": "experiments.bench_attention",
     "colm": "experiments.bench_colm",
     "s2": "experiments.bench_s2",

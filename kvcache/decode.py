@@ -262,7 +262,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
     if compression is None and longest + extra + max_new_tokens > smallest:
       raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                        f"the smallest budget {smallest} (pass a compression policy to evict)")
-  window = compression.window if compression is not None else 0
+  # A window longer than the (padded) prompt scores every prompt query.
+  window = min(compression.window, t) if compression is not None else 0
   res = prefill(graphdef, params, tokens, lengths, cache, num_chains, score_window=window)
   logits, cache = res[:2]
   if compression is not None:

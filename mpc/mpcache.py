@@ -36,7 +36,6 @@ import jax.numpy as jnp
 from kvcache.attention import reference_decode_attention, register_decode_attention
 from kvcache.press import BIG, Press, topk_keep
 
-
 # Clusters and their bounds ---------------------------------------------------------------------
 
 def cluster_bounds(k: jax.Array, valid: jax.Array, size: int):

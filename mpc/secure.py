@@ -2,6 +2,12 @@
 
 Axes: H heads, E head dim, T cached tokens (after static eviction: T'), C clusters of S tokens,
 k selected clusters. Everything is one sequence (MPC serves batch 1) and every input is secret.
+q arrives scaled by 1 / sqrt(E) (folded into the public W_q), for every method alike.
+
+What SPU charges shaped the code: a batched dot_general costs messages per head, so per-head
+products run as one product with a block-diagonal operand; every fixed-point product costs a
+truncation (about 2 messages under ABY3, about 230 under Cheetah), so comparison bits stay
+integers, the similarity's alpha is applied as integer weights, and the softmax normalises once.
 
 This module is what the SPU worker (mpc.worker) compiles, so it uses only the jax.numpy that
 jax 0.4.34 (SPU 0.9.5's) and the project's JAX share, and imports nothing from the project.
@@ -43,9 +49,8 @@ def per_head(a, b):
 
 
 def scores(q, k):
-  """[H, T] = q k^T / sqrt(E); q [H, E], k [H, T, E] (the scale applied to q: H x E, not H x T
-  truncations)."""
-  return per_head(q * (1.0 / np.sqrt(q.shape[-1])), k.transpose(0, 2, 1))
+  """[H, T] = q k^T; q [H, E] (pre-scaled), k [H, T, E]."""
+  return per_head(q, k.transpose(0, 2, 1))
 
 
 def normalised(e, v):
@@ -80,8 +85,13 @@ def update_bounds(r_max, r_min, k_new, cluster):
   r_max, r_min: [H, C, E]; k_new [H, E]; cluster: the (public) cluster index of the token's slot.
   A fresh cluster (its first token) takes the token itself.
   """
-  hi = jnp.maximum(r_max[:, cluster], k_new)
-  lo = jnp.minimum(r_min[:, cluster], k_new)
+  # One batch of comparisons and one select for both bounds: [k > r_max, r_min > k].
+  a = jnp.concatenate([k_new, r_min[:, cluster]], axis=-1)
+  b = jnp.concatenate([r_max[:, cluster], k_new], axis=-1)
+  e = k_new.shape[-1]
+  old = jnp.concatenate([r_max[:, cluster], r_min[:, cluster]], axis=-1)
+  hi_lo = jnp.where(a > b, jnp.concatenate([k_new, k_new], axis=-1), old)
+  hi, lo = hi_lo[:, :e], hi_lo[:, e:]
   return r_max.at[:, cluster].set(hi), r_min.at[:, cluster].set(lo)
 
 
@@ -96,8 +106,22 @@ def pair_index(n: int):
 
 
 def cluster_scores(q, r_max, r_min, alpha: float):
-  """[H, C] MPCache's linear cluster score q . (alpha r_max + (1 - alpha) r_min)."""
-  return per_head(q, (alpha * r_max + (1.0 - alpha) * r_min).transpose(0, 2, 1))
+  """[H, C] MPCache's linear cluster score q . (alpha r_max + (1 - alpha) r_min), times d when
+  alpha = n / d with d <= 8 (0.6 = 3 / 5): then n q.r_max + (d - n) q.r_min by additions, one
+  product and no truncation for alpha. A positive multiple ranks the clusters alike."""
+  from fractions import Fraction
+  h, c, _ = r_max.shape
+  both = per_head(q, jnp.concatenate([r_max, r_min], axis=1).transpose(0, 2, 1))
+  hi, lo = both[:, :c], both[:, c:]
+  frac = Fraction(alpha).limit_denominator(8)
+  if abs(float(frac) - alpha) > 1e-9:
+    return alpha * hi + (1.0 - alpha) * lo
+  out = jnp.zeros_like(hi)
+  for _ in range(frac.numerator):
+    out = out + hi
+  for _ in range(frac.denominator - frac.numerator):
+    out = out + lo
+  return out
 
 
 def rank_select(c, keep: int):
@@ -109,11 +133,11 @@ def rank_select(c, keep: int):
   """
   n = c.shape[-1]
   i, j, a, b = pair_index(n)
-  above = (c[:, j] > c[:, i]).astype(c.dtype)  # [H, P]: item j beats item i
+  above = (c[:, j] > c[:, i]).astype(jnp.int32)  # [H, P]: item j beats item i
   # Item i gains the pairs it loses (above), item j the others: rank = above a + (1 - above) b,
-  # written with one product of the comparison bits and public matrices.
-  rank = above @ (a - b) + b.sum(axis=0)
-  onehot = rank[:, :, None] == jnp.arange(keep, dtype=c.dtype)[None, None, :]
+  # one integer product of the comparison bits and public matrices (no truncation).
+  rank = above @ (a - b).astype(np.int32) + b.sum(axis=0).astype(np.int32)
+  onehot = rank[:, :, None] == jnp.arange(keep, dtype=jnp.int32)[None, None, :]
   # One conversion of the bits to arithmetic shares here, not one per use of the matrix.
   return jnp.where(onehot, 1.0, 0.0) + jnp.zeros_like(c)[:, :, None]
 
@@ -137,8 +161,9 @@ def mpcache_step(q, k, v, r_max, r_min, *, size: int, keep: int, length: int,
     length: tokens held (public): slots at or beyond it are empty.
     sel: [H, C - 2, keep] a previous layer's selection (cross-layer index sharing), or None.
     stabiliser: what the softmax subtracts before exp: "exact", the max of the attended scores
-      (log-depth comparisons), or "cluster", the top-ranked cluster's score (one product, no
-      comparisons; softmax is unchanged by the choice, only the fixed-point range is).
+      (log-depth comparisons), or "cluster", the mean score of the top-ranked cluster's tokens
+      (a sum, no comparisons; softmax is unchanged by the choice, only the fixed-point range
+      is: exp(s - m) must stay below 2^(63 - f) with f = 18 fraction bits, s - m < ~30).
   Returns:
     (out [H, E], sel [H, C - 2, keep]).
   """
@@ -146,7 +171,6 @@ def mpcache_step(q, k, v, r_max, r_min, *, size: int, keep: int, length: int,
   n = t // size
   s = scores(q, k)
   blocks = s.reshape(h, n, size)
-  c = None
   if sel is None:
     c = cluster_scores(q, r_max, r_min, alpha)[:, 1:-1]
     sel = rank_select(c, keep)
@@ -157,9 +181,7 @@ def mpcache_step(q, k, v, r_max, r_min, *, size: int, keep: int, length: int,
   if stabiliser == "exact":
     m = jnp.max(att.reshape(h, -1), axis=-1)
   elif stabiliser == "cluster":
-    if c is None:
-      c = cluster_scores(q, r_max, r_min, alpha)[:, 1:-1]
-    m = jnp.sum(sel[:, :, 0] * c, axis=-1) * (1.0 / np.sqrt(q.shape[-1]))
+    m = jnp.mean(picked[:, 0], axis=-1)  # column 0 of the selection: the top-ranked cluster
   else:
     raise ValueError(f"stabiliser must be 'exact' or 'cluster', got {stabiliser!r}")
   valid = np.arange(t).reshape(n, size) < length  # public: only the last cluster has holes
@@ -169,3 +191,9 @@ def mpcache_step(q, k, v, r_max, r_min, *, size: int, keep: int, length: int,
   back = (block_diag3(sel) @ e[:, 1:-1].reshape(h * keep, size)).reshape(h, n - 2, size)
   full = jnp.concatenate([e[:, :1], back, e[:, -1:]], axis=1).reshape(h, t)
   return normalised(full, v), sel
+
+
+def mpcache_shared(q, k, v, r_max, r_min, sel, **kw):
+  """mpcache_step of a layer that reuses `sel` from the layer before (cross-layer sharing):
+  no cluster scores, no comparisons. Positional, so the SPU worker can pass `sel` as a secret."""
+  return mpcache_step(q, k, v, r_max, r_min, sel=sel, **kw)

@@ -86,7 +86,7 @@ def main() -> None:
       if meta.get("fraction_bits"):
         cfg.fxp_fraction_bits = int(meta["fraction_bits"])
       sim = spsim.Simulator(3 if meta["protocol"] == "ABY3" else 2, cfg)
-      run = spsim.sim_jax(sim, lambda *a: fn(*a, **kwargs))
+      run = spsim.sim_jax(sim, lambda *a, fn=fn, kwargs=kwargs: fn(*a, **kwargs))
       with open(log_path, "rb") as f:
         start = f.seek(0, 2)
       t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from mpc.mpcache import Dynamic
 
 def _attention(q, k, v, allowed=None):
   """float64 [H, E] softmax attention of q [H, E] over k, v [H, T, E] where allowed [H, T]."""
-  s = np.einsum("he,hte->ht", q, k) / np.sqrt(q.shape[-1])
+  s = np.einsum("he,hte->ht", q, k)  # q pre-scaled (mpc.secure)
   if allowed is not None:
     s = np.where(allowed, s, -np.inf)
   p = np.exp(s - s.max(-1, keepdims=True))
@@ -111,3 +111,16 @@ def test_unknown_stabiliser_is_an_error():
   q, k, v, hi, lo = _inputs(0)
   with pytest.raises(ValueError, match="stabiliser"):
     secure.mpcache_step(q, k, v, hi, lo, size=8, keep=2, length=96, stabiliser="nope")
+
+
+def test_update_bounds_is_the_running_max_and_min():
+  seed = 86
+  print(f"seed={seed}")
+  q, k, v, hi, lo = _inputs(seed)
+  k_new = np.random.default_rng(seed).standard_normal((3, 8)) * 2
+  h2, l2 = secure.update_bounds(*(jnp.asarray(x, jnp.float32) for x in (hi, lo, k_new)), 5)
+  want_h, want_l = hi.copy(), lo.copy()
+  want_h[:, 5] = np.maximum(hi[:, 5], k_new)
+  want_l[:, 5] = np.minimum(lo[:, 5], k_new)
+  np.testing.assert_allclose(np.asarray(h2), want_h, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(l2), want_l, rtol=1e-6)

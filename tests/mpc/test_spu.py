@@ -19,6 +19,7 @@ def worker():
 def _inputs(seed, h=2, t=256, e=16, size=32):
   rng = np.random.default_rng(seed)
   q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((h, e), (h, t, e), (h, t, e)))
+  q = q / np.sqrt(e)  # pre-scaled (mpc.secure)
   kb = k.reshape(h, t // size, size, e)
   return q, k, v, kb.max(2), kb.min(2)
 
