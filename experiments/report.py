@@ -285,6 +285,27 @@ SPECS: dict[str, TableSpec] = {
                         f"task switch: {p.get('task_switch')} (accuracy "
                         f"{p.get('classifier_accuracy')}); press options "
                         f"{p.get('options') or 'none (the papers defaults)'}.")),
+    "mpc": TableSpec(
+        columns=(("protocol", "protocol", _plain), ("T", "T", _plain),
+                 ("method", "method", _plain), ("static", "static", _pct),
+                 ("attended", "attended_tokens", _plain), ("MB sent", "mb", lambda v: f"{v:.2f}"),
+                 ("messages", "send_actions", lambda v: f"{v:.0f}"),
+                 ("LAN ms", "lan_ms", _ms), ("WAN ms", "wan_ms", _ms),
+                 ("bytes x (opt.)", "bytes_x_vs_deferred", _x),
+                 ("LAN x (opt.)", "lan_x_vs_deferred", _x),
+                 ("bytes x (softmax)", "bytes_x_vs_softmax", _x),
+                 ("LAN x (softmax)", "lan_x_vs_softmax", _x),
+                 ("max abs err", "max_abs_err", lambda v: f"{v:.1e}")),
+        note=lambda p: (f"One layer's decode-step attention in SPU {p.get('spu', {}).get('spu')}'s "
+                        f"simulator (FM64), {p.get('heads')} heads, head dim {p.get('head_dim')}, "
+                        f"party 0's bytes and messages; latency = messages x RTT + bytes / "
+                        f"bandwidth, LAN 1 ms / 10 Gbit/s, WAN 40 ms / 400 Mbit/s. x (opt.): "
+                        f"over the optimised baseline (full_deferred, normalised after P.V); x "
+                        f"(softmax): over full_softmax. MPCache: static eviction to `static` of T, "
+                        f"{100 * p.get('keep', 0):.0f}% of the 32-token clusters selected plus the "
+                        f"sink and newest, cross-layer sharing in groups of {p.get('share')} "
+                        f"layers, the bounds update included; max abs err: SPU's output against "
+                        f"the float computation.")),
     "longctx_train": TableSpec(
         columns=(("step", "step", _plain), ("needle", "needle", _pct),
                  ("multikey", "multikey", _pct), ("multivalue", "multivalue", _pct),
