@@ -1,10 +1,13 @@
 """Text corpus, byte-level BPE tokenizer and cached token memmaps; seeded random-window batches.
 
 The default corpus is the Python standard library source of the running machine (no download, ever);
-any text file or folder works instead. Files are split into train and validation by a hash of their
-relative path, a byte-level BPE is trained on the train split only, and each split is encoded once
+`python` adds the `.py` files of the interpreter's installed packages (about 100 MB, different on
+every machine with other packages); any text file or folder works instead. Files are split into
+train and validation by a hash of their relative path (installed packages: whole packages, by a hash
+of their name), a byte-level BPE is trained on the train split only, and each split is encoded once
 into a memmap of token ids (documents each followed by `<|endoftext|>`). Everything is cached under
-`cache_dir/<corpus fingerprint>-v<vocab_size>/` and re-used while the corpus is unchanged.
+`cache_dir/<corpus fingerprint>-v<vocab_size>/` and re-used while the corpus is unchanged; its
+corpus.json records the split's files and bytes and the packages with their versions.
 
   ds = prepare(DataConfig(max_bytes=2_000_000, vocab_size=2048))
   xy = ds.batch("train", step=0, batch_size=8, seq_len=256, seed=0)  # int32 [8, 257]
@@ -15,10 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import pathlib
+import platform
+import re
+import site
 import sysconfig
 from collections.abc import Iterable, Sequence
 
@@ -38,6 +45,12 @@ FORMAT_VERSION = 1  # bump when the cache layout or the corpus reading changes
 # suites double the size and are full of generated data).
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests",
                                "idle_test"})
+# Directories left out of installed packages: bytecode, test suites, and vendored copies of other
+# packages (pip's and setuptools' _vendor), which would leak held-out packages into train.
+_PACKAGE_SKIP_DIRS = frozenset({"__pycache__", "test", "tests", "_vendor"})
+SOURCES = ("stdlib", "python")  # the embedded sources; any other source is a path
+PYTHON_MAX_BYTES = 100_000_000  # the 'python' source's cap when max_bytes is None
+_SITE_KEY = "site-packages"  # an installed package's files are keyed site-packages/<name>/<path>
 _ENCODE_PIECE_BYTES = 1 << 20  # long documents are encoded in ~1 MB pieces, in parallel
 _ENCODE_CHUNK = 64  # pieces per encode_batch call
 
@@ -46,16 +59,18 @@ _ENCODE_CHUNK = 64  # pieces per encode_batch call
 class DataConfig:
   """Where the text comes from and how it is tokenized and cached."""
 
-  source: str = "stdlib"  # 'stdlib' or a path to a text file or folder
+  source: str = "stdlib"  # 'stdlib', 'python' (stdlib + installed packages) or a file or folder
   vocab_size: int = 4096  # BPE vocabulary size, special tokens included (an upper bound)
-  val_fraction: float = 0.05  # share of files (or of the bytes of a single file) held out
-  max_bytes: int | None = None  # cap on corpus bytes, files taken in sorted order (quick starts)
+  val_fraction: float = 0.05  # share of files (installed packages; a single file's bytes) held out
+  max_bytes: int | None = None  # cap on corpus bytes, files taken in sorted order (quick starts);
+  # 'python' caps at PYTHON_MAX_BYTES when None
   cache_dir: str = "runs/.data_cache"  # where tokenizers and memmaps are cached
   tokenizer: str | None = None  # encode with this tokenizer.json (an imported model's) instead
 
   def __post_init__(self):
     if not isinstance(self.source, str) or not self.source:
-      raise ValueError(f"DataConfig.source must be 'stdlib' or a path, got {self.source!r}")
+      raise ValueError(f"DataConfig.source must be one of {SOURCES} or a path, got "
+                       f"{self.source!r}")
     if not 0.0 < self.val_fraction <= 0.5:
       raise ValueError(f"DataConfig.val_fraction must be in (0, 0.5], got {self.val_fraction}")
     if self.vocab_size < 300:
@@ -67,10 +82,13 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _Doc:
-  """One document of the corpus: its key (relative posix path) and text."""
+  """One document of the corpus: its key (relative posix path) and text, and the installed
+  package it belongs to (the 'python' source; None for the stdlib's and a folder's files)."""
 
   key: str
   text: str
+  package: str | None = None  # normalized distribution name; the package is split as a whole
+  version: str | None = None  # its version
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,8 +101,8 @@ def _source_root(source: str) -> tuple[pathlib.Path, bool]:
     return pathlib.Path(sysconfig.get_paths()["stdlib"]), True
   path = pathlib.Path(source).expanduser()
   if not path.exists():
-    raise ValueError(f"data source {source!r} does not exist (expected 'stdlib' or a path to a "
-                     "text file or folder)")
+    raise ValueError(f"data source {source!r} does not exist (expected 'stdlib', 'python' or a "
+                     "path to a text file or folder)")
   return path, False
 
 
@@ -93,14 +111,23 @@ def corpus_files(source: str) -> list[pathlib.Path]:
 
   Args:
     source: 'stdlib' (every `*.py` under `sysconfig.get_paths()["stdlib"]`, without site-packages,
-      `__pycache__` and the test suites), a path to a text file, or a folder (every file below it,
-      hidden files and folders left out; binary files are skipped later, when read).
+      `__pycache__` and the test suites), 'python' (the stdlib's, then those of `installed_packages`
+      package by package, all of them: the cap applies when read), a path to a text file, or a
+      folder (every file below it, hidden files and folders left out; binary files are skipped
+      later, when read).
 
   Returns:
-    Absolute paths, sorted by their path relative to the source root.
+    Absolute paths, sorted by their path relative to the source root ('python': in corpus order).
   """
+  if source == "python":
+    return corpus_files("stdlib") + [path for _, _, files in installed_packages()
+                                     for _, path in files]
   root, is_stdlib = _source_root(source)
-  root = root.resolve()  # files are not resolved one by one: a symlinked file keeps its own name
+  return _walk(root.resolve(), is_stdlib)  # files are not resolved: a symlink keeps its own name
+
+
+def _walk(root: pathlib.Path, is_stdlib: bool) -> list[pathlib.Path]:
+  """The files below `root` (or root itself, a file), sorted by relative path; see corpus_files."""
   if root.is_file():
     return [root]
   found = []
@@ -177,15 +204,138 @@ def _utf8_boundary(data: bytes, cut: int, *, forward: bool) -> int:
   return cut
 
 
+def _normalize(name: str) -> str:
+  """A distribution's normalized name (PEP 503): lower case, runs of -_. as one '-'."""
+  return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def site_dirs() -> list[pathlib.Path]:
+  """The running interpreter's site-packages folders (a venv's own first), existing, each once."""
+  paths = sysconfig.get_paths()
+  dirs = [paths["purelib"], paths["platlib"], *getattr(site, "getsitepackages", list)()]
+  if site.ENABLE_USER_SITE:
+    dirs.append(site.getusersitepackages())
+  out = []
+  for d in map(pathlib.Path, dirs):
+    if d.is_dir() and d.resolve() not in {o.resolve() for o in out}:
+      out.append(d)
+  return out
+
+
+def _is_package_source(rel: pathlib.PurePath) -> bool:
+  """Whether a file a distribution's RECORD lists is package source the corpus reads."""
+  *folders, name = rel.parts
+  return (rel.suffix == ".py" and not rel.is_absolute() and ".." not in folders
+          and not name.startswith((".", "__editable__"))  # editable installs' generated finders
+          and not any(f.startswith(".") or f in _PACKAGE_SKIP_DIRS for f in folders))
+
+
+def installed_packages(dirs: Sequence[pathlib.Path | str] | None = None
+                       ) -> list[tuple[str, str, list[tuple[str, pathlib.Path]]]]:
+  """The installed distributions and their `.py` source files, sorted by name.
+
+  Distributions are found by `importlib.metadata` in `dirs` (only there: not the current folder,
+  whose egg-info would add this project's own source) and their files read off their RECORD (one
+  without RECORD has none); bytecode, test suites, vendored copies (`_vendor`), hidden files and
+  files outside the folder are left out. A name found twice keeps its first folder's copy, the one
+  `import` would see.
+
+  Args:
+    dirs: site-packages folders; None: `site_dirs()`.
+
+  Returns:
+    [(normalized name, version, [(path in the distribution's folder (posix), absolute path)])],
+    sorted by name, each distribution's files sorted by their path.
+  """
+  dirs = site_dirs() if dirs is None else [pathlib.Path(d) for d in dirs]
+  found = {}
+  for d in dirs:
+    dists = []
+    for dist in importlib.metadata.distributions(path=[str(d)]):
+      name = dist.metadata.get("Name")
+      if name:
+        dists.append((_normalize(name), dist.version or "", dist))
+    for name, version, dist in sorted(dists, key=lambda x: x[:2]):
+      if name in found:  # shadowed by an earlier folder's (or the same folder's broken) copy
+        continue
+      rels = sorted({f.as_posix() for f in dist.files or () if _is_package_source(f)})
+      found[name] = (version, [(r, pathlib.Path(dist.locate_file(r))) for r in rels])
+  return [(name, *found[name]) for name in sorted(found)]
+
+
+def read_python(max_bytes: int | None = None, *, stdlib_root: pathlib.Path | str | None = None,
+                dirs: Sequence[pathlib.Path | str] | None = None) -> list[_Doc]:
+  """Reads the 'python' corpus: the stdlib's `.py` files, then those of the installed packages.
+
+  The stdlib's files are read as for the 'stdlib' source, under the same keys (so they split the
+  same way); a package's files are keyed `site-packages/<name>/<path>` and carry the package's
+  name and version, and a file that is not valid UTF-8 is skipped. The cap (max_bytes, or
+  PYTHON_MAX_BYTES when None) takes the stdlib's files in sorted order (the last one cut at the
+  cap), then whole packages in sorted order of name, stopping before the first that would pass
+  it: the corpus is the stdlib plus the first packages of the sorted list that fit.
+
+  Args:
+    max_bytes: the cap in bytes; None: PYTHON_MAX_BYTES.
+    stdlib_root: the standard library folder; None: the running interpreter's.
+    dirs: site-packages folders; None: the running interpreter's (`site_dirs()`).
+
+  Returns:
+    The documents, in corpus order.
+  """
+  cap = PYTHON_MAX_BYTES if max_bytes is None else max_bytes
+  root = pathlib.Path(stdlib_root or sysconfig.get_paths()["stdlib"]).resolve()
+  docs = _read_files(_walk(root, True), root, cap)
+  total, seen, skipped = sum(len(d.text.encode("utf-8")) for d in docs), set(), 0
+  packages = installed_packages(dirs)
+  for i, (name, version, files) in enumerate(packages):
+    pkg, size = [], 0
+    for rel, path in files:
+      try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+      except (OSError, UnicodeDecodeError):  # unreadable or not UTF-8
+        skipped += 1
+        continue
+      if not data or b"\0" in data or path.resolve() in seen:  # empty, binary or another's
+        continue
+      seen.add(path.resolve())
+      pkg.append(_Doc(f"{_SITE_KEY}/{name}/{rel}", text, name, version))
+      size += len(data)
+    if total + size > cap:
+      log.info("python corpus: %d of %d packages left out by the %d-byte cap, from %s on",
+               len(packages) - i, len(packages), cap, name)
+      break
+    docs += pkg
+    total += size
+  log.info("python corpus: %.1f MB in %d files (%d packages; %d files skipped: unreadable or "
+           "not UTF-8)", total / 1e6, len(docs), len({d.package for d in docs} - {None}), skipped)
+  return docs
+
+
 def _read_docs(source: str, max_bytes: int | None) -> list[_Doc]:
   """Reads the corpus as UTF-8 text (errors replaced), skipping binary and empty files.
 
   With max_bytes, files are taken in sorted order until the cap; the last one is cut at the cap.
+  The 'python' source is read by `read_python`.
   """
-  root, _ = _source_root(source)
-  root = root.resolve()
+  if source == "python":
+    docs, where = read_python(max_bytes), " in the stdlib or site-packages"
+  else:
+    root = _source_root(source)[0].resolve()
+    docs = _read_files(corpus_files(source), root, max_bytes)
+    where = f" in {root}" if root.is_dir() else ""
+  if not docs:
+    raise ValueError(f"data source {source!r} has no text: no readable non-empty, non-binary "
+                     f"files{where}")
+  return docs
+
+
+def _read_files(paths: Iterable[pathlib.Path], root: pathlib.Path,
+                max_bytes: int | None) -> list[_Doc]:
+  """The non-empty, non-binary files among paths as documents keyed relative to root, in order,
+  until max_bytes (the last one cut at the cap)."""
   docs, total = [], 0
-  for path in corpus_files(source):
+  for path in paths:
     if max_bytes is not None and total >= max_bytes:
       break
     try:
@@ -201,18 +351,22 @@ def _read_docs(source: str, max_bytes: int | None) -> list[_Doc]:
         break
     total += len(data)
     docs.append(_Doc(_rel_key(path, root), data.decode("utf-8", errors="replace")))
-  if not docs:
-    raise ValueError(f"data source {source!r} has no text: no readable non-empty, non-binary files"
-                     + (f" in {root}" if root.is_dir() else ""))
   return docs
 
 
+def _split_unit(doc: _Doc) -> str:
+  """What the split hashes: a file's key, or for an installed package's file the package's."""
+  return doc.key if doc.package is None else f"{_SITE_KEY}/{doc.package}"
+
+
 def _split_docs(docs: list[_Doc], val_fraction: float, source: str) -> dict[str, list[_Doc]]:
-  """Train/val split: by file when there are several, else a byte cut at (1 - val_fraction)."""
+  """Train/val split: by file when there are several (an installed package's files go together),
+  else a byte cut at (1 - val_fraction)."""
   if len(docs) >= 2:
-    is_val = _is_val([d.key for d in docs], val_fraction)
-    return {"train": [d for d, v in zip(docs, is_val) if not v],
-            "val": [d for d, v in zip(docs, is_val) if v]}
+    units = list(dict.fromkeys(_split_unit(d) for d in docs))
+    is_val = dict(zip(units, _is_val(units, val_fraction)))
+    return {"train": [d for d in docs if not is_val[_split_unit(d)]],
+            "val": [d for d in docs if is_val[_split_unit(d)]]}
   (doc,) = docs
   data = doc.text.encode("utf-8")
   cut = min(max(int(len(data) * (1.0 - val_fraction)), 1), len(data) - 1)
@@ -227,14 +381,43 @@ def _split_docs(docs: list[_Doc], val_fraction: float, source: str) -> dict[str,
 
 
 def _fingerprint(splits: dict[str, list[_Doc]]) -> str:
-  """A content hash of the split corpus (keys, sides and texts) and the cache format."""
+  """A content hash of the split corpus (keys, sides, package versions, texts) and the format."""
   h = hashlib.sha256(f"effllm-data-v{FORMAT_VERSION}\0".encode())
   for split in SPLITS:
     for doc in splits[split]:
       text = doc.text.encode("utf-8")
       h.update(f"{split}\0{doc.key}\0{len(text)}\0".encode())
+      if doc.package is not None:
+        h.update(f"{doc.package}=={doc.version}\0".encode())
       h.update(text)
   return h.hexdigest()
+
+
+def corpus_summary(source: str, splits: dict[str, list[_Doc]]) -> dict:
+  """What a run records about its corpus besides the fingerprint.
+
+  Returns:
+    {"source", "python" (the interpreter's version, for the embedded sources), "<split>_bytes",
+    "<split>_docs" for train and val, "packages": [{"name", "version", "split", "files",
+    "bytes"}] sorted by name (the installed packages in the corpus; empty but for 'python')}.
+  """
+  out: dict = {"source": source}
+  if source in SOURCES:
+    out["python"] = platform.python_version()
+  packages = {}
+  for split in SPLITS:
+    out[f"{split}_bytes"] = out[f"{split}_docs"] = 0
+    for doc in splits[split]:
+      n = len(doc.text.encode("utf-8"))
+      out[f"{split}_bytes"] += n
+      out[f"{split}_docs"] += 1
+      if doc.package is not None:
+        p = packages.setdefault(doc.package, {"name": doc.package, "version": doc.version,
+                                              "split": split, "files": 0, "bytes": 0})
+        p["files"] += 1
+        p["bytes"] += n
+  out["packages"] = [packages[k] for k in sorted(packages)]
+  return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,11 +550,13 @@ class Dataset:
     eot_id: id of `<|endoftext|>` (0), which follows every document in the streams.
     pad_id: id of `<|pad|>` (1), never in the streams.
     fingerprint: content hash of the split corpus.
+    corpus: `corpus_summary` with the fingerprint: split bytes, packages and versions ({} if none).
     path: cache folder, or None.
   """
 
   def __init__(self, tokenizer: tokenizers.Tokenizer, train: np.ndarray, val: np.ndarray,
-               *, fingerprint: str = "", path: pathlib.Path | None = None):
+               *, fingerprint: str = "", path: pathlib.Path | None = None,
+               corpus: dict | None = None):
     self.tokenizer = tokenizer
     self.train = train
     self.val = val
@@ -379,6 +564,7 @@ class Dataset:
     self.eot_id = eot_token_id(tokenizer)
     self.pad_id = tokenizer.token_to_id(PAD)
     self.fingerprint = fingerprint
+    self.corpus = corpus or {}
     self.path = path
 
   def __repr__(self) -> str:
@@ -435,7 +621,8 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Dataset:
 
   The tokenizer is trained on the train split only, once per (corpus fingerprint, vocab_size), and
   cached with the memmaps in `cfg.cache_dir/<fingerprint[:16]>-v<vocab_size>/` (tokenizer.json,
-  {train,val}.bin and .json meta, corpus.json). Files are written to a temporary name and renamed.
+  {train,val}.bin and .json meta, corpus.json: `corpus_summary`, fingerprint and the files of each
+  split). Files are written to a temporary name and renamed.
 
   Args:
     cfg: the data config.
@@ -447,6 +634,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Dataset:
   docs = _read_docs(cfg.source, cfg.max_bytes)
   splits = _split_docs(docs, cfg.val_fraction, cfg.source)
   fingerprint = _fingerprint(splits)
+  summary = {**corpus_summary(cfg.source, splits), "fingerprint": fingerprint}
   tag = f"v{cfg.vocab_size}"
   if cfg.tokenizer is not None:  # a given tokenizer: cached per its content
     tag = "t" + hashlib.sha256(pathlib.Path(cfg.tokenizer).read_bytes()).hexdigest()[:16]
@@ -466,9 +654,9 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Dataset:
     tmp = tok_path.with_name(f"tokenizer.json.tmp{os.getpid()}")
     tok.save(str(tmp))
     os.replace(tmp, tok_path)
+  if not (folder / "corpus.json").exists():
     _atomic_write_text(folder / "corpus.json", json.dumps({
-        "source": cfg.source, "fingerprint": fingerprint, "val_fraction": cfg.val_fraction,
-        "max_bytes": cfg.max_bytes,
+        **summary, "val_fraction": cfg.val_fraction, "max_bytes": cfg.max_bytes,
         **{f"{s}_files": [d.key for d in splits[s]] for s in SPLITS}}, indent=1))
   vocab_size = tok.get_vocab_size()
 
@@ -487,4 +675,5 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Dataset:
       tokens = _load_tokens(folder, split, fingerprint, vocab_size)
       assert tokens is not None, f"failed to re-load the tokens just written to {folder}"
     streams[split] = tokens
-  return Dataset(tok, streams["train"], streams["val"], fingerprint=fingerprint, path=folder)
+  return Dataset(tok, streams["train"], streams["val"], fingerprint=fingerprint, path=folder,
+                 corpus=summary)

@@ -285,3 +285,159 @@ def test_stdlib_corpus(tmp_path):
   assert b.shape == (4, 65)
   text = "import os\n\ndef main():\n    print(os.getcwd())\n"
   assert ds.decode(ds.encode(text)) == text
+
+
+# --- python: the stdlib plus installed packages -------------------------------------------------
+
+
+def _name_on_side(val: bool, frac: float) -> str:
+  """The first of pkg-0, pkg-1, ... that the package hash rule puts in validation (or train)."""
+  return next(n for n in (f"pkg-{i}" for i in range(1000))
+              if (data._unit_hash(f"site-packages/{n}") < frac) == val)
+
+
+def _write_package(site: pathlib.Path, name: str, version: str, files: dict[str, bytes],
+                   extra_record: tuple[str, ...] = ()) -> None:
+  """A fake installed distribution: its files under `site` and a dist-info listing them."""
+  info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+  info.mkdir(parents=True)
+  (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+  for rel, content in files.items():
+    (site / rel).parent.mkdir(parents=True, exist_ok=True)
+    (site / rel).write_bytes(content)
+  record = [*files, *extra_record, f"{info.name}/METADATA", f"{info.name}/RECORD"]
+  (info / "RECORD").write_text("".join(f"{r},,\n" for r in record))
+
+
+def _fake_python(root: pathlib.Path, seed: int, frac: float) -> tuple[pathlib.Path, pathlib.Path,
+                                                                       str, str]:
+  """A fake stdlib folder and a site-packages with two packages, the first held out by frac.
+
+  Returns:
+    (stdlib, site, held-out package name, train package name).
+  """
+  print(f"seed={seed}")
+  rng = np.random.default_rng(seed)
+  stdlib, site = root / "stdlib", root / "site"
+  for rel in ("os.py", "json/__init__.py", "json/decoder.py", "abc.py", "site-packages/x/y.py",
+              "test/test_os.py", "README.txt"):
+    (stdlib / rel).parent.mkdir(parents=True, exist_ok=True)
+    (stdlib / rel).write_text(_text(rng, 20))
+  held, kept = _name_on_side(True, frac), _name_on_side(False, frac)
+  for name, version in ((held, "1.2.0"), (kept, "0.3")):
+    mod = name.replace("-", "_")
+    _write_package(site, name, version, {
+        f"{mod}/__init__.py": _text(rng, 10).encode(),
+        f"{mod}/core.py": _text(rng, 30).encode(),
+        f"{mod}/data.txt": b"not python\n",  # not .py
+        f"{mod}/tests/test_core.py": b"assert True\n",  # a test suite
+        f"{mod}/__pycache__/core.cpython-311.py": b"x = 1\n",  # bytecode folder
+        f"{mod}/_vendor/six.py": b"vendored = True\n",  # a vendored copy
+        f"{mod}/latin1.py": "s = 'caf\xe9'\n".encode("latin-1"),  # not UTF-8: skipped
+        f"{mod}/empty.py": b"",
+    }, extra_record=("../../../bin/tool.py",))  # outside the folder
+  return stdlib, site, held, kept
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+  frac = 0.1
+  return (*_fake_python(tmp_path, seed=11, frac=frac), frac)
+
+
+def test_installed_packages_reads_record(fake_python):
+  _, site, held, kept = fake_python[:4]
+  pkgs = data.installed_packages([site])
+  assert [(n, v) for n, v, _ in pkgs] == sorted([(held, "1.2.0"), (kept, "0.3")])
+  for name, _, files in pkgs:
+    mod = name.replace("-", "_")
+    assert [r for r, _ in files] == [f"{mod}/__init__.py", f"{mod}/core.py", f"{mod}/empty.py",
+                                     f"{mod}/latin1.py"]
+    assert all(p == site / r and p.is_file() for r, p in files)
+
+
+def test_installed_packages_first_folder_wins(tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  _write_package(a, "Foo_Bar", "2.0", {"foo_bar/m.py": b"x = 2\n"})
+  _write_package(b, "foo-bar", "1.0", {"foo_bar/m.py": b"x = 1\n"})
+  ((name, version, files),) = data.installed_packages([a, b])
+  assert (name, version, files[0][1]) == ("foo-bar", "2.0", a / "foo_bar/m.py")
+
+
+def test_python_holds_out_whole_packages(fake_python):
+  stdlib, site, held, kept, frac = fake_python
+  docs = data.read_python(stdlib_root=stdlib, dirs=[site])
+  assert docs == data.read_python(stdlib_root=stdlib, dirs=[site])  # deterministic
+  keys = [d.key for d in docs]
+  std = [k for k in keys if not k.startswith("site-packages/")]
+  assert std == ["abc.py", "json/__init__.py", "json/decoder.py", "os.py"]  # stdlib first, sorted
+  assert keys[len(std):] == sorted(keys[len(std):])
+  assert {d.package for d in docs} == {None, held, kept}
+  assert not any("latin1" in k or "tests/" in k or "_vendor" in k or "empty" in k for k in keys)
+  splits = data._split_docs(docs, frac, "python")
+  assert {d.package for d in splits["val"]} - {None} == {held}
+  assert {d.package for d in splits["train"]} - {None} == {kept}
+  # The stdlib's files split by the stdlib's rule: a hash of their path.
+  assert [d.key for d in splits["val"] if d.package is None] == [
+      k for k in std if data._unit_hash(k) < frac]
+
+
+def test_python_cap_takes_whole_packages_in_order(fake_python):
+  stdlib, site, *_ = fake_python
+  docs = data.read_python(stdlib_root=stdlib, dirs=[site])
+  size = {}
+  for d in docs:
+    size[d.package] = size.get(d.package, 0) + len(d.text.encode("utf-8"))
+  first, second = sorted(p for p in size if p is not None)
+  for cap, packages in ((size[None] + size[first], {None, first}),
+                        (size[None] + size[first] + size[second] - 1, {None, first}),
+                        (size[None] + 1, {None}),
+                        (sum(size.values()), set(size))):
+    capped = data.read_python(cap, stdlib_root=stdlib, dirs=[site])
+    assert {d.package for d in capped} == packages
+    assert capped == docs[:len(capped)]
+  small = data.read_python(100, stdlib_root=stdlib, dirs=[site])  # cut inside the stdlib
+  assert len(small) == 1 and len(small[0].text.encode()) == 100 and small[0].package is None
+
+
+def test_prepare_python_records_packages(fake_python, tmp_path, monkeypatch):
+  stdlib, site, held, kept, frac = fake_python
+  read = data.read_python
+  monkeypatch.setattr(data, "read_python",
+                      lambda max_bytes=None: read(max_bytes, stdlib_root=stdlib, dirs=[site]))
+  cfg = DataConfig(source="python", vocab_size=300, val_fraction=frac,
+                   cache_dir=str(tmp_path / "cache"))
+  ds = prepare(cfg, progress=False)
+  meta = json.loads((ds.path / "corpus.json").read_text())
+  pkgs = {p["name"]: p for p in meta["packages"]}
+  assert (pkgs[held]["version"], pkgs[held]["split"]) == ("1.2.0", "val")
+  assert (pkgs[kept]["version"], pkgs[kept]["split"]) == ("0.3", "train")
+  assert pkgs[held]["files"] == 2 and pkgs[held]["bytes"] > 0
+  assert any(f.startswith(f"site-packages/{held}/") for f in meta["val_files"])
+  assert not any(f.startswith(f"site-packages/{kept}/") for f in meta["val_files"])
+  assert not any(f.startswith(f"site-packages/{held}/") for f in meta["train_files"])
+  for s in data.SPLITS:
+    assert meta[f"{s}_bytes"] == json.loads((ds.path / f"{s}.json").read_text())["num_bytes"]
+  assert meta["fingerprint"] == ds.fingerprint and meta["python"]
+  assert ds.corpus["packages"] == meta["packages"] and ds.corpus["val_bytes"] == meta["val_bytes"]
+  # Another version of a package (same files) is another corpus.
+  info = next(site.glob(f"{kept.replace('-', '_')}-*.dist-info"))
+  (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {kept}\nVersion: 0.4\n")
+  ds2 = prepare(cfg, progress=False)
+  assert ds2.fingerprint != ds.fingerprint
+  assert {p["name"]: p["version"] for p in ds2.corpus["packages"]}[kept] == "0.4"
+
+
+def test_python_source_selectable_from_config():
+  from experiments.config import load_config
+  assert load_config(None, ["data.source=python"]).data.source == "python"
+  assert DataConfig(source="python").source == "python"
+
+
+def test_installed_packages_of_this_interpreter():
+  import importlib.metadata
+  pkgs = {name: (version, files) for name, version, files in data.installed_packages()}
+  version, files = pkgs["numpy"]
+  assert version == importlib.metadata.version("numpy") and files
+  assert all(r.endswith(".py") and "/tests/" not in r for r, _ in files)
+  assert "effllm" not in pkgs or not pkgs["effllm"][1]  # an editable install adds no source
