@@ -304,8 +304,9 @@ SPECS: dict[str, TableSpec] = {
                         f"(softmax): over full_softmax. MPCache: static eviction to `static` of T, "
                         f"{100 * p.get('keep', 0):.0f}% of the 32-token clusters selected plus the "
                         f"sink and newest, cross-layer sharing in groups of {p.get('share')} "
-                        f"layers, the bounds update included; max abs err: SPU's output against "
-                        f"the float computation.")),
+                        f"layers, the bounds update included; naive_topk: over the same "
+                        f"statically kept tokens, as many as MPCache attends; max abs err: SPU's "
+                        f"output against the float computation.")),
     "longctx_train": TableSpec(
         columns=(("step", "step", _plain), ("needle", "needle", _pct),
                  ("multikey", "multikey", _pct), ("multivalue", "multivalue", _pct),
