@@ -1,0 +1,94 @@
+"""The search tree over the paged pool: page accounting under random expansions and prunes
+(refcounts never negative, everything freed at the end), a searched sequence's logits equal to a
+dense forward over the same tokens, steps that end where they should, bad calls."""
+
+import numpy as np
+import pytest
+
+from colm.config import ModelConfig
+from kvcache.sampling import SamplingConfig
+from search.tree import SearchTree
+
+
+@pytest.fixture(scope="module")
+def model(spread_decoder):
+  return spread_decoder(ModelConfig.tiny(max_seq_len=256, n_kv_heads=2, n_heads=4, n_layers=2),
+                        11)
+
+
+def _tree(model, seed, **kw):
+  rng = np.random.default_rng(seed)
+  prompt = rng.integers(3, model.cfg.vocab_size, 21).tolist()
+  kw = {"step_token": 1, "stop_tokens": [2], "page_size": 8, "num_pages": 512,
+        "max_step_tokens": 6, "sampling": SamplingConfig(temperature=1.0), "seed": seed, **kw}
+  return SearchTree(model, prompt, **kw)
+
+
+def test_pages_are_shared_and_freed(model):
+  seed = 101
+  print(f"seed={seed}")
+  rng = np.random.default_rng(seed)
+  tree = _tree(model, seed)
+  frontier = tree.expand({tree.root: 4})
+  for _ in range(3):
+    live = [n for n in frontier if not tree.nodes[n].done]
+    counts = {n: int(rng.integers(0, 3)) for n in live}
+    for n in frontier:
+      if tree.nodes[n].done:
+        tree.release(n)
+    frontier = tree.expand(counts)
+    refs = [tree.pool.refcount(p) for p in range(tree.pool.num_pages)]
+    assert min(refs) >= 0
+    # Shared pages: the leaves' tables together name fewer distinct pages than they hold.
+    tables = [tree.pool.table(n) for n in tree.frontier()]
+    assert tree.pool.pages_in_use == len({p for t in tables for p in t})
+    if len(tables) > 1:
+      assert tree.pool.pages_in_use < sum(map(len, tables))
+  stats = tree.kv_stats()
+  assert stats["peak_pages"] >= stats["mean_pages"] >= stats["prompt_pages"] > 0
+  assert stats["peak_pages_no_prompt"] == stats["peak_pages"] - stats["prompt_pages"]
+  tree.close()
+  assert tree.pool.pages_in_use == 0
+
+
+def test_searched_logits_equal_a_dense_forward(model, full_forward):
+  seed = 102
+  print(f"seed={seed}")
+  tree = _tree(model, seed)
+  kids = tree.expand({tree.root: 3})
+  grand = tree.expand({k: 1 for k in kids if not tree.nodes[k].done})
+  for n in grand + [k for k in kids if tree.nodes[k].done]:
+    tokens = tree.path(n)
+    dense = np.asarray(full_forward(model, np.asarray([tokens], np.int32)))[0, -1]
+    np.testing.assert_allclose(tree.nodes[n].logits, dense, atol=2e-4, rtol=2e-4)
+  tree.close()
+
+
+def test_steps_end_at_a_step_or_stop_token_or_the_limit(model):
+  seed = 103
+  print(f"seed={seed}")
+  tree = _tree(model, seed, max_step_tokens=3)
+  for n in tree.expand({tree.root: 8}):
+    node = tree.nodes[n]
+    assert 1 <= len(node.tokens) <= 3
+    ended = node.tokens[-1] in (1, 2)
+    assert ended != node.truncated
+    assert node.done == (node.tokens[-1] == 2)
+    assert tree.steps(n) == [node.tokens]
+  assert tree.tokens_generated == sum(len(tree.nodes[n].tokens) for n in tree.frontier())
+  tree.close()
+
+
+def test_bad_calls_are_one_line_errors(model):
+  tree = _tree(model, 104)
+  kids = tree.expand({tree.root: 2})
+  with pytest.raises(ValueError, match="holds no pages"):
+    tree.expand({tree.root: 1})
+  with pytest.raises(ValueError, match=">= 0"):
+    tree.expand({kids[0]: -1})
+  tree.release(kids[1])
+  with pytest.raises(ValueError, match="holds no pages"):
+    tree.release(kids[1])
+  with pytest.raises(ValueError, match="at least one token"):
+    SearchTree(model, [], step_token=1)
+  tree.close()
