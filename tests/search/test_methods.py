@@ -1,0 +1,80 @@
+"""Every search method end to end on a tiny random policy with a deterministic stand-in scorer:
+the width is respected, every page is freed at the end, votes come from the finished solutions,
+ETS spends time in its program and keeps no more pages than REBASE on the same tree; bad configs
+are one-line errors."""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from colm.config import ModelConfig
+from kvcache.sampling import SamplingConfig
+from search.methods import METHODS, SearchConfig, run_search
+from search.tree import SearchTree
+
+
+class HashScorer:
+  """Scores and embeddings that are fixed functions of the tokens (no model)."""
+
+  def score(self, paths):
+    return np.asarray([(zlib.crc32(bytes(str(p), "ascii")) % 1000) / 1000 for p in paths])
+
+  def embed(self, paths, step_lengths):
+    out = []
+    for p, n in zip(paths, step_lengths):
+      rng = np.random.default_rng(zlib.crc32(bytes(str(p[-n:][:1]), "ascii")))
+      out.append(rng.standard_normal(8))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def model(spread_decoder):
+  return spread_decoder(ModelConfig.tiny(max_seq_len=256, n_kv_heads=2, n_heads=4, n_layers=2),
+                        12)
+
+
+def _tree(model, seed):
+  prompt = np.random.default_rng(seed).integers(3, model.cfg.vocab_size, 17).tolist()
+  return SearchTree(model, prompt, step_token=1, stop_tokens=[2], page_size=8, num_pages=1024,
+                    max_step_tokens=4, max_depth=3, sampling=SamplingConfig(temperature=1.0),
+                    seed=seed)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_and_frees_its_pages(model, method):
+  seed = 111
+  print(f"seed={seed}")
+  tree = _tree(model, seed)
+  res = run_search(tree, HashScorer(), SearchConfig(method, width=8, children=2),
+                   answer_of=lambda p: str(p[-2] % 3))
+  assert tree.pool.pages_in_use == 0
+  assert 1 <= len(res.solutions) <= 8
+  if method in ("best_of_n", "rebase"):
+    assert len(res.solutions) == 8
+  answers = {a for a, _ in res.solutions}
+  assert res.vote in answers and res.best in answers
+  assert res.kv["peak_pages"] >= res.kv["mean_pages"] > 0
+  assert res.model_calls > 1 and res.prm_calls >= 1 and res.tokens_generated > 0
+  assert (res.ilp_s > 0) == (method == "ets")
+
+
+def test_ets_prunes_at_least_as_hard_as_rebase(model):
+  seed = 112
+  print(f"seed={seed}")
+  kv = {}
+  for method in ("rebase", "ets"):
+    res = run_search(_tree(model, seed), HashScorer(),
+                     SearchConfig(method, width=8, ets=SearchConfig().ets.__class__(lambda_b=4.0)),
+                     answer_of=lambda p: str(p[-1]))
+    kv[method] = res.kv["mean_pages_no_prompt"]
+  assert kv["ets"] <= kv["rebase"]
+
+
+def test_bad_configs_are_one_line_errors():
+  with pytest.raises(ValueError, match="unknown search method"):
+    SearchConfig("mcts")
+  with pytest.raises(ValueError, match="width"):
+    SearchConfig("rebase", width=0)
+  with pytest.raises(ValueError, match="multiple"):
+    SearchConfig("beam", width=6, children=4)
