@@ -80,7 +80,7 @@ class SearchConfig:
 class SearchResult:
   """What one search found and what it cost."""
 
-  solutions: list[tuple[str | None, float]]  # (answer, PRM score) per finished solution
+  solutions: list[tuple[str | None, float, list[int]]]  # (answer, PRM score, tokens)
   vote: str | None  # weighted majority (scores summed per answer)
   best: str | None  # the answer of the best-scored solution
   kv: dict  # SearchTree.kv_stats()
@@ -92,13 +92,13 @@ class SearchResult:
   depth: int
 
 
-def _vote(solutions: list[tuple[str | None, float]]) -> tuple[str | None, str | None]:
+def _vote(solutions) -> tuple[str | None, str | None]:
   tally: dict[str, float] = defaultdict(float)
-  for a, s in solutions:
+  for a, s, _ in solutions:
     if a is not None:
       tally[a] += s
   vote = max(tally, key=tally.get) if tally else None
-  scored = [(s, a) for a, s in solutions if a is not None]
+  scored = [(s, a) for a, s, _ in solutions if a is not None]
   best = max(scored)[1] if scored else None
   return vote, best
 
@@ -131,7 +131,7 @@ def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
   t0 = time.perf_counter()
   ilp_s = 0.0
   prm_calls = 0
-  solutions: list[tuple[str | None, float]] = []
+  solutions: list[tuple[str | None, float, list[int]]] = []
   subtree: dict[int, int] = {}
   first = cfg.width // cfg.children if cfg.method == "dvts" else cfg.width
   leaves = tree.expand({tree.root: first})
@@ -145,7 +145,7 @@ def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
     live, live_scores = [], []
     for x, p, s in zip(leaves, paths, scores):
       if tree.nodes[x].done:
-        solutions.append((answer_of(p), float(s)))
+        solutions.append((answer_of(p), float(s), p))
         tree.release(x)
       else:
         live.append(x)

@@ -52,7 +52,7 @@ def test_every_method_runs_and_frees_its_pages(model, method):
   assert 1 <= len(res.solutions) <= 8
   if method in ("best_of_n", "rebase"):
     assert len(res.solutions) == 8
-  answers = {a for a, _ in res.solutions}
+  answers = {a for a, _, _ in res.solutions}
   assert res.vote in answers and res.best in answers
   assert res.kv["peak_pages"] >= res.kv["mean_pages"] > 0
   assert res.model_calls > 1 and res.prm_calls >= 1 and res.tokens_generated > 0
