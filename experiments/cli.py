@@ -28,6 +28,7 @@ BENCHMARKS = {
     "batch": "experiments.bench_batch",
     "press": "experiments.bench_press",
     "mpc": "experiments.bench_mpc",
+    "search": "experiments.bench_search",
     "attention": "experiments.bench_attention",
     "colm": "experiments.bench_colm",
     "s2": "experiments.bench_s2",
