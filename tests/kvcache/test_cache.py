@@ -112,6 +112,7 @@ def test_random_eviction_then_decode_equals_masked_full_reference(spread_decoder
   graphdef, params = nnx.split(model)
   toks = rng.integers(0, CFG.vocab_size, (b, p + new)).astype(np.int32)
   keep = rng.random((b, CFG.n_kv_heads, p)) < 0.5
+  keep[:, :, :new + 1] = False  # budgets (kept + new) stay below the prompt for every seed
   keep[:, :, p - 1] = True  # never empty
   _, cache = prefill(graphdef, params, toks[:, :p], [p] * b, init_cache(CFG, b, p + new))
   budgets = tuple(int(keep[:, h].sum(-1).max()) + new for h in range(CFG.n_kv_heads))

@@ -79,7 +79,8 @@ def _check(o, lse, want_o, want_lse, dtype, shape):
   assert o.shape == shape and o.dtype == dtype
   assert lse.shape == shape[:-1] and lse.dtype == np.float32
   assert not np.isnan(o32).any() and not np.isnan(lse).any()
-  err = np.linalg.norm(o32 - want_o) / np.linalg.norm(want_o)
+  # Relative error; absolute where every row sees nothing (a random layout can do that at T=1).
+  err = np.linalg.norm(o32 - want_o) / max(np.linalg.norm(want_o), 1.0)
   assert err < (1e-5 if dtype == jnp.float32 else 1e-2), err
   empty = np.isinf(want_lse)
   assert (np.isneginf(lse) == empty).all()
