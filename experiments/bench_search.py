@@ -172,7 +172,9 @@ def main(argv=None) -> dict:
   n = args.n or (3 if args.quick else 32)
   problems = _problems(info, n, args.seed)
   scorer = PRMScorer(prm)
-  max_new = args.max_depth * args.max_step_tokens
+  longest = max(len(tok.encode(p.prompt + reasoning.STEP, add_special_tokens=False).ids)
+                for p in problems)
+  max_new = min(args.max_depth * args.max_step_tokens, policy.cfg.max_seq_len - longest)
   res = {"model": str(model_dir), "model_info": {k: v for k, v in info.items()
                                                  if isinstance(v, int | float | str)},
          "n": n, "widths": widths, "methods": args.methods, "children": args.children,

@@ -1,0 +1,32 @@
+"""bench search at toy size: a quick policy and PRM, every method, one results row each with the
+accuracies, KV pages and speed; bad settings are one-line errors."""
+
+import json
+
+import pytest
+
+from experiments import bench_search
+
+
+def test_quick_bench_runs_every_method(tmp_path):
+  res = bench_search.main(["--quick", "--out", str(tmp_path), "--widths", "2", "--n", "1",
+                           "--children", "2", "--max-depth", "4", "--max-step-tokens", "8",
+                           "--lambda-b", "2.0"])
+  methods = [r["method"] for r in res["rows"]]
+  assert methods == ["best_of_n", "beam", "dvts", "rebase", "ets", "ets"]
+  for r in res["rows"]:
+    assert 0.0 <= r["accuracy_vote"] <= r["pass_at_n"] <= 1.0
+    assert r["peak_pages"] >= r["mean_pages"] > 0 and r["problems_per_s"] > 0
+  assert res["rows"][-1]["sweep"] == "lambda_b=2.0"
+  assert 0.0 <= res["greedy_accuracy"] <= 1.0
+  saved = json.loads((tmp_path / "search_cpu.json").read_text())
+  assert len(saved["rows"]) == 6 and saved["plots"] == ["search_cpu.png"]
+
+
+def test_bad_settings_are_one_line_errors():
+  with pytest.raises(SystemExit, match="--model"):
+    bench_search.main([])
+  with pytest.raises(SystemExit, match="lambdas"):
+    bench_search.main(["--quick", "--lambda-b", "-1"])
+  with pytest.raises(ValueError, match="unknown search method"):
+    bench_search.main(["--quick", "--methods", "mcts"])
