@@ -12,7 +12,13 @@ from mpc import secure, spu
 
 @pytest.fixture(scope="module")
 def worker():
-  with spu.Worker() as w:
+  try:
+    w = spu.Worker()
+  except spu.SPUUnavailable as e:
+    if "needs Python < 3.12" in str(e):  # no interpreter SPU 0.9.5 installs on: not a failure
+      pytest.skip(str(e))
+    raise
+  with w:
     yield w
 
 
