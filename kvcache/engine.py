@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from kvcache.paged import _bucket, paged_decode_step, paged_prefill, prefix_groups
+from kvcache.paged import bucket, paged_decode_step, paged_prefill, prefix_groups
 from kvcache.pool import PagePool, apply_copies, init_paged_kv
 from kvcache.radix import RadixTree
 
@@ -361,7 +361,7 @@ class Engine:
     return ended
 
   def _tables(self, seqs: list[Seq]):
-    bb = _bucket(len(seqs))
+    bb = bucket(len(seqs))
     return bb, jnp.asarray(self.pool.page_tables([s.idx for s in seqs], rows=bb)[0])
 
   def _prefix(self, scheduler, seqs, bb):
@@ -370,7 +370,7 @@ class Engine:
   def _prefill(self, scheduler, chunks, m: Metrics) -> list[Seq]:
     seqs = [s for s, _ in chunks]
     bb, tables = self._tables(seqs)
-    t = _bucket(max(n for _, n in chunks))
+    t = bucket(max(n for _, n in chunks))
     toks = np.zeros((bb, t), np.int32)
     start, lengths = np.zeros(bb, np.int32), np.zeros(bb, np.int32)
     for j, (s, n) in enumerate(chunks):

@@ -66,8 +66,8 @@ def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: 
   rows = [r for r, _ in groups]
   if len({i for r in rows for i in r}) != sum(map(len, rows)) or max(max(r) for r in rows) >= batch:
     raise ValueError(f"prefix groups must hold distinct rows below {batch}, got {rows}")
-  gr, m = _bucket(len(groups)), _bucket(max(map(len, rows)))
-  wp = _bucket(max(len(p) for _, p in groups))
+  gr, m = bucket(len(groups)), bucket(max(map(len, rows)))
+  wp = bucket(max(len(p) for _, p in groups))
   members = np.full((gr, m), np.iinfo(np.int32).max, np.int32)
   tables = np.zeros((gr, wp), np.int32)
   length = np.zeros(gr, np.int32)
@@ -249,7 +249,8 @@ def paged_decode_step(graphdef, params, kv: PagedKV, token, positions, tables,
   return logits[:, 0], PagedKV(tuple(x.k for x in layers), tuple(x.v for x in layers))
 
 
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
+  """n rounded up to a power of two (batch rows, widths): the shapes jit steps compile for."""
   return 1 << max(0, (n - 1).bit_length())
 
 
@@ -289,7 +290,7 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
   prompts = [list(p) for p in prompts]
   total = sum(len(p) for p in prompts)
   # Rounded up to a power of two, like the batch and the table width: few shapes compile.
-  num_pages = num_pages or _bucket(sum(-(-(len(p) + max_new_tokens) // page_size)
+  num_pages = num_pages or bucket(sum(-(-(len(p) + max_new_tokens) // page_size)
                                        for p in prompts) + len(prompts) + 1)
   pool = PagePool(num_pages, page_size)
   tree = RadixTree(pool)
@@ -305,7 +306,7 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
     return m, apply_copies(kv, pool.add(seq, pages, m) + pool.extend(seq, len(tokens) - m + room))
 
   def run_prefill(seqs, rests, starts, prefix):
-    bb = _bucket(len(seqs))
+    bb = bucket(len(seqs))
     t = -(-max(map(len, rests)) // pad_to) * pad_to
     toks = np.zeros((bb, t), np.int32)
     for j, r in enumerate(rests):
@@ -339,7 +340,7 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
       pool.release(("prefix", gi))  # the tree holds its pages now
     share = [(list(range(len(rows))), common)] if shared_attention else []
     logits, kv = run_prefill(rows, [prompts[i][m:] for i, m in zip(rows, starts)], starts,
-                             prefix_groups(share, _bucket(len(rows)), page_size))
+                             prefix_groups(share, bucket(len(rows)), page_size))
     key, sub = jax.random.split(key)
     nxt = np.asarray(sample(logits, sub, sampling))
     for j, (i, m) in enumerate(zip(rows, starts)):
@@ -349,7 +350,7 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
     shared.append((rows, common))
   prefill_pages = pool.pages_in_use
   b = len(prompts)
-  bb = _bucket(b)
+  bb = bucket(b)
   tables, _ = pool.page_tables(list(range(b)), rows=bb)
   prefix = prefix_groups(shared, bb, page_size) if shared_attention else None
   out = [[f] for f in firsts]

@@ -28,6 +28,7 @@ from flax import nnx
 
 from colm.config import ModelConfig, resolve_dtype
 from colm.model import Decoder
+from kvcache.paged import bucket
 
 
 class PRM(nnx.Module):
@@ -135,10 +136,6 @@ def _embed(graphdef, state, tokens, lengths, step_lengths):
   return nnx.merge(graphdef, state).embed(tokens, lengths, step_lengths)
 
 
-def _bucket(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 class PRMScorer:
   """search.methods.Scorer over a PRM: paths are padded to power-of-two batch sizes and to a
   multiple of pad_to tokens, so a search compiles a handful of shapes."""
@@ -151,7 +148,7 @@ class PRMScorer:
     if not paths or any(len(p) == 0 for p in paths):
       raise ValueError("every path needs at least one token")
     t = -(-max(len(p) for p in paths) // self.pad_to) * self.pad_to
-    tokens = np.zeros((_bucket(len(paths)), t), np.int32)
+    tokens = np.zeros((bucket(len(paths)), t), np.int32)
     lengths = np.ones(tokens.shape[0], np.int32)
     for i, p in enumerate(paths):
       tokens[i, :len(p)] = p

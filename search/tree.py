@@ -29,13 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvcache.paged import paged_decode_step, paged_prefill
+from kvcache.paged import bucket, paged_decode_step, paged_prefill
 from kvcache.pool import PagePool, apply_copies, init_paged_kv
 from kvcache.sampling import SamplingConfig, sample
-
-
-def _bucket(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
 
 
 @dataclasses.dataclass
@@ -92,7 +88,7 @@ class SearchTree:
     self.root = root.id
     self.kv = apply_copies(self.kv, self.pool.add(root.id) + self.pool.extend(root.id,
                                                                               len(prompt)))
-    t = _bucket(len(prompt))
+    t = bucket(len(prompt))
     toks = np.zeros((1, t), np.int32)
     toks[0, :len(prompt)] = prompt
     tables, _ = self.pool.page_tables([root.id])
@@ -181,7 +177,7 @@ class SearchTree:
 
   def _generate(self, kids: list[Node]) -> None:
     b = len(kids)
-    bb = _bucket(b)
+    bb = bucket(b)
     logits = np.stack([self.nodes[k.parent].logits for k in kids])
     logits = np.pad(logits, ((0, bb - b), (0, 0)))
     live = np.ones(b, bool)
