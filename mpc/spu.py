@@ -18,6 +18,7 @@ it is < 3.12, python3.11, python3.10.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -108,23 +109,32 @@ class Result:
   seconds: float
 
 
-def _pack(arrays: dict, meta: dict) -> bytes:
-  import io
+def write_msg(stream, arrays: dict, meta: dict) -> None:
+  """One message of the worker's channel: an 8-byte length, then an .npz of `arrays` with
+  `meta` as JSON in the entry "__meta__" (numpy 1 and 2 both read it; nothing is pickled)."""
   buf = io.BytesIO()
   np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
   data = buf.getvalue()
-  return struct.pack("<Q", len(data)) + data
+  stream.write(struct.pack("<Q", len(data)) + data)
+  stream.flush()
 
 
-def _unpack(stream) -> tuple[dict, dict]:
-  import io
+def read_msg(stream) -> tuple[dict, dict] | None:
+  """(arrays, meta) of the next message, or None when the other side closed the channel."""
   head = stream.read(8)
   if len(head) < 8:
-    raise RuntimeError("the SPU worker exited")
+    return None
   (n,) = struct.unpack("<Q", head)
   with np.load(io.BytesIO(stream.read(n)), allow_pickle=False) as z:
     arrays = {key: z[key] for key in z.files}
   return arrays, json.loads(bytes(arrays.pop("__meta__")).decode())
+
+
+def _reply(stream) -> tuple[dict, dict]:
+  msg = read_msg(stream)
+  if msg is None:
+    raise RuntimeError("the SPU worker exited")
+  return msg
 
 
 class Worker:
@@ -136,7 +146,7 @@ class Worker:
     self._proc = subprocess.Popen([py, "-u", str(_WORKER)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-      _, hello = _unpack(self._proc.stdout)
+      _, hello = _reply(self._proc.stdout)
     except RuntimeError as e:
       err = self._proc.stderr.read().decode(errors="replace")[-2000:]
       raise SPUUnavailable(f"the SPU worker did not start ({e}); rebuild SPU's environment "
@@ -156,9 +166,8 @@ class Worker:
     arrays = {f"arg{i}": np.asarray(a, np.float32) for i, a in enumerate(args)}
     meta = {"fn": fn, "protocol": protocol, "field": field, "kwargs": kwargs}
     with self._lock:
-      self._proc.stdin.write(_pack(arrays, meta))
-      self._proc.stdin.flush()
-      out, info = _unpack(self._proc.stdout)
+      write_msg(self._proc.stdin, arrays, meta)
+      out, info = _reply(self._proc.stdout)
     if "error" in info:
       raise RuntimeError(f"SPU run of {fn} under {protocol} failed: {info['error']}\n"
                          f"{info.get('traceback', '')}")

@@ -1,8 +1,8 @@
 """The SPU worker: runs mpc.secure's functions in SPU's simulator, inside SPU's own environment.
 
 Started by mpc.spu.Worker as `<spu env python> -u mpc/worker.py`; never imported by the project.
-Requests and replies travel over stdin / stdout as length-prefixed .npz payloads (a format both
-numpy 1 and 2 read), the request's JSON in the entry "__meta__":
+Requests and replies travel over stdin / stdout as mpc.spu's messages (write_msg / read_msg:
+length-prefixed .npz payloads), the request's JSON in the entry "__meta__":
 
     {"fn": "full_deferred", "protocol": "ABY3", "field": "FM64", "kwargs": {...}}
 
@@ -14,11 +14,8 @@ not to the channel.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import re
-import struct
 import sys
 import tempfile
 import time
@@ -28,23 +25,6 @@ import numpy as np
 
 LINK = re.compile(r"Link details: total send bytes (\d+), recv bytes (\d+), send actions (\d+), "
                   r"recv actions (\d+)")
-
-
-def read_msg(stream) -> dict | None:
-  head = stream.read(8)
-  if len(head) < 8:
-    return None
-  (n,) = struct.unpack("<Q", head)
-  with np.load(io.BytesIO(stream.read(n)), allow_pickle=False) as z:
-    return {key: z[key] for key in z.files}
-
-
-def write_msg(stream, arrays: dict, meta: dict) -> None:
-  buf = io.BytesIO()
-  np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-  data = buf.getvalue()
-  stream.write(struct.pack("<Q", len(data)) + data)
-  stream.flush()
 
 
 def main() -> None:
@@ -58,6 +38,7 @@ def main() -> None:
   # The script's folder (mpc/, which holds an spu.py of the project's) must not shadow SPU.
   sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
   sys.path.insert(0, os.path.dirname(here))
+  from mpc.spu import PARTIES, read_msg, write_msg  # stdlib and numpy only
   try:
     import jax
     jax.config.update("jax_platforms", "cpu")
@@ -72,10 +53,10 @@ def main() -> None:
   write_msg(channel_out, {}, {"ready": True, "spu": __import__("spu").__version__,
                               "jax": jax.__version__, "log": log_path})
   while True:
-    req = read_msg(channel_in)
-    if req is None:
+    msg = read_msg(channel_in)
+    if msg is None:
       return
-    meta = json.loads(bytes(req.pop("__meta__")).decode())
+    req, meta = msg
     try:
       fn = getattr(secure, meta["fn"])
       kwargs = meta.get("kwargs", {})
@@ -85,7 +66,7 @@ def main() -> None:
       cfg.enable_pphlo_profile = True  # party 0 logs its link statistics per execution
       if meta.get("fraction_bits"):
         cfg.fxp_fraction_bits = int(meta["fraction_bits"])
-      sim = spsim.Simulator(3 if meta["protocol"] == "ABY3" else 2, cfg)
+      sim = spsim.Simulator(PARTIES[meta["protocol"]], cfg)
       run = spsim.sim_jax(sim, lambda *a, fn=fn, kwargs=kwargs: fn(*a, **kwargs))
       with open(log_path, "rb") as f:
         start = f.seek(0, 2)
