@@ -106,13 +106,18 @@ class Press:
 
   # What a method fills in ----------------------------------------------------------------------
 
+  def floor(self) -> tuple[int, str]:
+    """(the fewest tokens a budget may keep, what they are): the observation window."""
+    return self.window, f"the observation window {self.window}"
+
   def tokens(self, prompt: int) -> int:
     """The budget in tokens for a prompt of `prompt` slots."""
     n = self.budget if isinstance(self.budget, int) else math.ceil(self.budget * prompt)
     if n > prompt:
       raise ValueError(f"budget {self.budget!r} ({n} tokens) is above the prompt length {prompt}")
-    if n < self.window:
-      raise ValueError(f"budget {n} tokens is below the observation window {self.window}")
+    least, what = self.floor()
+    if n < least:
+      raise ValueError(f"budget {n} tokens is below {what}")
     return n
 
   def layer_budgets(self, n_layers: int, n_kv_heads: int, prompt: int

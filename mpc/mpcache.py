@@ -188,13 +188,8 @@ class MPCache(Press):
     if self.share < 1:
       raise ValueError(f"share must be >= 1, got {self.share}")
 
-  def tokens(self, prompt: int) -> int:
-    n = self.budget if isinstance(self.budget, int) else math.ceil(self.budget * prompt)
-    if n > prompt:
-      raise ValueError(f"budget {self.budget!r} ({n} tokens) is above the prompt length {prompt}")
-    if n < self.sink + self.recent:
-      raise ValueError(f"budget {n} tokens is below sink + recent = {self.sink + self.recent}")
-    return n
+  def floor(self):
+    return self.sink + self.recent, f"sink + recent = {self.sink + self.recent}"
 
   def importance(self, layer, probs, pos, lengths):
     """[B, K, N]: max over the sequence's window queries of the mean over the layer's heads."""
