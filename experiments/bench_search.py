@@ -75,11 +75,11 @@ def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, see
     res = run_search(tree, scorer, cfg,
                      answer_of=lambda path, p=p: reasoning.parse_solution(p, text_of(path))[1])
     ilp += res.ilp_s
+    checked = [(a, s, reasoning.check_answer(p, text_of(path))) for a, s, path in res.solutions]
     correct = {}
-    for a, s, path in res.solutions:
-      correct.setdefault(a, []).append((s, reasoning.check_answer(p, text_of(path))))
-    best = max(((s, ok) for a, s, path in res.solutions
-                for ok in [reasoning.check_answer(p, text_of(path))]), default=(0, False))
+    for a, s, ok in checked:
+      correct.setdefault(a, []).append((s, ok))
+    best = max(((s, ok) for _, s, ok in checked), default=(0, False))
     # Weighted majority: the answer with the most PRM mass; its best-scored solution is checked
     # (Countdown's answer is its target, so the steps decide, as for best-PRM).
     vote_ok = max(correct[res.vote])[1] if res.vote in correct else False

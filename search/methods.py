@@ -142,13 +142,14 @@ def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
     paths = [tree.path(x) for x in leaves]
     scores = np.asarray(scorer.score(paths), np.float64)
     prm_calls += 1
-    live, live_scores = [], []
+    live, live_paths, live_scores = [], [], []
     for x, p, s in zip(leaves, paths, scores):
       if tree.nodes[x].done:
         solutions.append((answer_of(p), float(s), p))
         tree.release(x)
       else:
         live.append(x)
+        live_paths.append(p)
         live_scores.append(s)
     left = cfg.width - len(solutions)
     if not live or left <= 0:
@@ -174,7 +175,7 @@ def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
     else:  # ets
       lengths = [len(tree.nodes[x].tokens) for x in live]
       t1 = time.perf_counter()
-      labels = cluster(np.asarray(scorer.embed([tree.path(x) for x in live], lengths)),
+      labels = cluster(np.asarray(scorer.embed(live_paths, lengths)),
                        cfg.ets.cluster_distance)
       # lambda_s by the search's width (the paper's presets), not by the width left.
       ets = dataclasses.replace(cfg.ets, temperature=cfg.temperature,
