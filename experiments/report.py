@@ -299,7 +299,9 @@ SPECS: dict[str, TableSpec] = {
         note=lambda p: (f"One layer's decode-step attention in SPU {p.get('spu', {}).get('spu')}'s "
                         f"simulator (FM64), {p.get('heads')} heads, head dim {p.get('head_dim')}, "
                         f"party 0's bytes and messages; latency = messages x RTT + bytes / "
-                        f"bandwidth, LAN 1 ms / 10 Gbit/s, WAN 40 ms / 400 Mbit/s. x (opt.): "
+                        f"bandwidth, " + ", ".join(
+                            f"{k} {_plain(v['rtt_ms'])} ms / {_plain(v['gbit_s'])} Gbit/s"
+                            for k, v in p.get("networks", {}).items()) + ". x (opt.): "
                         f"over the optimised baseline (full_deferred, normalised after P.V); x "
                         f"(softmax): over full_softmax. MPCache: static eviction to `static` of T, "
                         f"{100 * p.get('keep', 0):.0f}% of the 32-token clusters selected plus the "
