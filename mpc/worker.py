@@ -64,8 +64,6 @@ def main() -> None:
       cfg = libspu.RuntimeConfig(protocol=getattr(libspu.ProtocolKind, meta["protocol"]),
                                  field=getattr(libspu.FieldType, meta.get("field", "FM64")))
       cfg.enable_pphlo_profile = True  # party 0 logs its link statistics per execution
-      if meta.get("fraction_bits"):
-        cfg.fxp_fraction_bits = int(meta["fraction_bits"])
       sim = spsim.Simulator(PARTIES[meta["protocol"]], cfg)
       run = spsim.sim_jax(sim, lambda *a, fn=fn, kwargs=kwargs: fn(*a, **kwargs))
       with open(log_path, "rb") as f:
