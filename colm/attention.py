@@ -167,11 +167,13 @@ def _dpa(implementation: str | None) -> AttentionFn:
 
 
 def auto_attention(q, k, v, *, causal: bool = True, scale: float | None = None) -> jax.Array:
-  """cuDNN flash attention on GPU for 16-bit inputs, XLA's attention on GPU for others (cuDNN
-  takes only fp16/bf16/fp8), the jnp reference on CPU. Chosen at trace time."""
+  """cuDNN flash attention on GPU for 16-bit inputs of even lengths, XLA's attention on GPU for
+  others (cuDNN takes only fp16/bf16/fp8, and its causal training path rejects an odd query or
+  key length), the jnp reference on CPU. Chosen at trace time."""
   if jax.default_backend() != "gpu":
     return reference_attention(q, k, v, causal=causal, scale=scale)
-  impl = "cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+  even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
+  impl = "cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) and even else "xla"
   return _REGISTRY[impl].fn(q, k, v, causal=causal, scale=scale)
 
 

@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--out", default=None)
   ap.add_argument("--name", default="search")
   args = ap.parse_args(argv)
-  from search.ets import ETSConfig
+  from search.ets import ETSConfig, solver_name
   from search.methods import SearchConfig
   widths = args.widths or ([4, 8] if args.quick else [16, 64, 256])
   for m in args.methods:
@@ -179,6 +179,7 @@ def main(argv=None) -> dict:
                                                  if isinstance(v, int | float | str)},
          "n": n, "widths": widths, "methods": args.methods, "children": args.children,
          "temperature": args.temperature, "max_depth": args.max_depth,
+         "ilp_solver": solver_name(), "page_size": args.page_size,
          "greedy_accuracy": greedy_accuracy(policy, tok, problems, stop, max_new), "rows": []}
   out_dir = Path(args.out) if args.out else RESULTS_DIR
   kw = dict(stop=stop, step=step, seed=args.seed, max_step_tokens=args.max_step_tokens,

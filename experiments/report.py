@@ -145,6 +145,16 @@ def press_rows(p: dict) -> list[dict]:
   return out
 
 
+def reasoning_rows(p: dict) -> list[dict]:
+  """reasoning_train: one row, the policy's and the PRM's held-out metrics."""
+  t = p.get("times", {})
+  return [{"family": p.get("family"), "params": p.get("params"),
+           "policy steps": p.get("policy_steps"), "PRM steps": p.get("prm_steps"),
+           "greedy accuracy": p.get("policy_accuracy"),
+           "PRM step accuracy": p.get("prm_step_accuracy"), "PRM step AUC": p.get("prm_step_auc"),
+           "PRM outcome AUC": p.get("prm_outcome_auc"), "wall s": t.get("wall_s")}]
+
+
 def longctx_rows(p: dict) -> list[dict]:
   """longctx_train: exact match per family at each evaluation step."""
   fams = list(p.get("final", {}))
@@ -309,6 +319,39 @@ SPECS: dict[str, TableSpec] = {
                         f"layers, the bounds update included; naive_topk: over the same "
                         f"statically kept tokens, as many as MPCache attends; max abs err: SPU's "
                         f"output against the float computation.")),
+    "reasoning_train": TableSpec(
+        columns=(("family", "family", _plain), ("params", "params", _count),
+                 ("policy steps", "policy steps", _plain), ("PRM steps", "PRM steps", _plain),
+                 ("greedy accuracy", "greedy accuracy", _pct),
+                 ("PRM step accuracy", "PRM step accuracy", _pct),
+                 ("PRM step AUC", "PRM step AUC", lambda v: f"{v:.3f}"),
+                 ("PRM outcome AUC", "PRM outcome AUC", lambda v: f"{v:.3f}"),
+                 ("wall s", "wall s", lambda v: f"{v:.0f}")),
+        rows=reasoning_rows,
+        note=lambda p: (f"Greedy accuracy on {p.get('policy_eval_problems')} held-out problems "
+                        f"(exact checker); PRM step metrics on held-out noisy traces against the "
+                        f"step checker; outcome AUC of the PRM's score on the policy's own greedy "
+                        f"solutions; Math-Shepherd rollout labels on "
+                        f"{p.get('rollout_traces_used')} traces.")),
+    "search": TableSpec(
+        columns=(("width", "width", _plain), ("method", "method", _plain),
+                 ("accuracy (vote)", "accuracy_vote", _pct),
+                 ("accuracy (best PRM)", "accuracy_best", _pct), ("pass@N", "pass_at_n", _pct),
+                 ("mean KV pages", "mean_pages_no_prompt", lambda v: f"{v:.1f}"),
+                 ("peak KV pages", "peak_pages_no_prompt", lambda v: f"{v:.1f}"),
+                 ("KV x (vs REBASE)", "kv_x_vs_rebase", _x),
+                 ("problems/s", "problems_per_s", lambda v: f"{v:.2f}"),
+                 ("speed x (vs REBASE)", "speed_x_vs_rebase", _x),
+                 ("ILP share", "ilp_share", _pct)),
+        note=lambda p: (f"{p.get('n')} held-out problems per cell (family "
+                        f"{p.get('model_info', {}).get('family')}), policy greedy accuracy "
+                        f"{100 * (p.get('greedy_accuracy') or 0):.1f}% on them; sampling "
+                        f"temperature {p.get('temperature')}, at most {p.get('max_depth')} steps, "
+                        f"{p.get('children')} children per beam (beam, DVTS); KV pages: pages of "
+                        f"{p.get('page_size', 16)} tokens held, the prompt's excluded (mean over the search's steps, "
+                        f"then over problems); ETS at the paper's lambdas, its ILP by "
+                        f"{p.get('ilp_solver', 'cvxpy+HiGHS')}; ILP share: the step programs' "
+                        f"share of the wall time.")),
     "longctx_train": TableSpec(
         columns=(("step", "step", _plain), ("needle", "needle", _pct),
                  ("multikey", "multikey", _pct), ("multivalue", "multivalue", _pct),

@@ -235,6 +235,15 @@ def _cvxpy():
   return cp
 
 
+def solver_name() -> str:
+  """Which backend `solve` uses above M = 16 here: "cvxpy+HiGHS", else "scipy.milp+HiGHS"."""
+  try:
+    _cvxpy()
+    return "cvxpy+HiGHS"
+  except ImportError:
+    return "scipy.milp+HiGHS"
+
+
 def solve(problem: SelectionProblem, cfg: ETSConfig, width: int | None = None) -> Selection:
   """The program's optimum by HiGHS's MILP solver through cvxpy (boolean x, y, c).
 
@@ -246,14 +255,19 @@ def solve(problem: SelectionProblem, cfg: ETSConfig, width: int | None = None) -
     the Selection; y and c are read off x (the constraints force y, and c is free only where it
     is worth nothing), and the objective recomputed from them in float64.
   Raises:
-    ImportError naming the package when cvxpy or highspy is missing and M > 16 (up to 16 it
-    falls back to solve_brute); RuntimeError if HiGHS does not report an optimum.
+    ImportError naming the package when cvxpy or highspy is missing, M > 16 and SciPy lacks
+    HiGHS (up to M = 16 it falls back to solve_brute, above that to solve_scipy, the same
+    HiGHS MILP through scipy.optimize.milp); RuntimeError if HiGHS reports no optimum.
   """
   try:
     cp = _cvxpy()
   except ImportError:
     if problem.num_candidates <= BRUTE_MAX:
       return solve_brute(problem, cfg, width)
+    try:
+      return solve_scipy(problem, cfg, width)
+    except ImportError:
+      pass
     raise
   import scipy.sparse as sp
   start = time.perf_counter()
@@ -278,6 +292,49 @@ def solve(problem: SelectionProblem, cfg: ETSConfig, width: int | None = None) -
   if program.status != cp.OPTIMAL:
     raise RuntimeError(f"HiGHS returned status {program.status!r} for the ETS program")
   return _selection(prog, np.asarray(x.value) > 0.5, start)
+
+
+def solve_scipy(problem: SelectionProblem, cfg: ETSConfig, width: int | None = None
+                ) -> Selection:
+  """The program's optimum by HiGHS's MILP solver through scipy.optimize.milp (SciPy >= 1.9),
+  over z = [x (M), y (N), c (K)]: `solve` without cvxpy, the same answer (tests)."""
+  try:
+    from scipy.optimize import Bounds, LinearConstraint, milp
+  except ImportError as e:
+    raise ImportError("search.ets.solve_scipy needs scipy >= 1.9 (scipy.optimize.milp)") from e
+  import scipy.sparse as sp
+  start = time.perf_counter()
+  prog = _program(problem, cfg, width)
+  m, n = prog.incidence.shape
+  k = prog.member.shape[1]
+  size = m + n + k
+  leaf, node = np.nonzero(prog.incidence)
+  e = leaf.size
+  rows = [sp.csr_matrix(np.r_[np.ones(m), np.zeros(n + k)][None])]  # sum x >= 1
+  lower, upper = [1.0], [np.inf]
+  # c_k - sum_{i in C_k} x_i <= 0
+  rows.append(sp.hstack([-sp.csr_matrix(prog.member.T.astype(np.float64)),
+                         sp.csr_matrix((k, n)), sp.identity(k)]))
+  lower += [-np.inf] * k
+  upper += [0.0] * k
+  if n:
+    # x_i - y_j <= 0 for each ancestor j of i
+    rows.append(sp.hstack([sp.csr_matrix((np.ones(e), (np.arange(e), leaf)), shape=(e, m)),
+                           -sp.csr_matrix((np.ones(e), (np.arange(e), node)), shape=(e, n)),
+                           sp.csr_matrix((e, k))]))
+    # y_j - sum of x over the leaves under j <= 0
+    rows.append(sp.hstack([-sp.csr_matrix(prog.incidence.T.astype(np.float64)),
+                           sp.identity(n), sp.csr_matrix((n, k))]))
+    lower += [-np.inf] * (e + n)
+    upper += [0.0] * (e + n)
+  a = sp.vstack(rows).tocsr()
+  objective = -np.concatenate([prog.gain, -prog.cost, np.full(k, prog.cover)])  # milp minimises
+  res = milp(objective, constraints=LinearConstraint(a, lower, upper),
+             integrality=np.ones(size), bounds=Bounds(0, 1),
+             options={"mip_rel_gap": 0.0})
+  if res.status != 0 or res.x is None:
+    raise RuntimeError(f"HiGHS (scipy.optimize.milp) returned status {res.status}: {res.message}")
+  return _selection(prog, np.asarray(res.x[:m]) > 0.5, start)
 
 
 def ets_allocate(scores: Sequence[float] | np.ndarray, problem: SelectionProblem, width: int,

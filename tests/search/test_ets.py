@@ -1,6 +1,6 @@
 """ETS's step program: HiGHS's optimum against exhaustive search and a loop objective on random
 trees (uniform and token costs), the constraints in what it returns, the lambdas' effect,
-ets_allocate on hand cases, the cvxpy fallback, bad inputs, and the clustering against scipy."""
+ets_allocate on hand cases, the fallbacks without cvxpy (SciPy's HiGHS, exhaustive search), bad inputs, and the clustering against scipy."""
 
 import dataclasses
 import itertools
@@ -17,6 +17,7 @@ from search.ets import (
     ets_allocate,
     solve,
     solve_brute,
+    solve_scipy,
 )
 from search.rebase import allocate
 
@@ -80,9 +81,11 @@ def test_highs_optimum_equals_exhaustive_search(seed, node_cost):
   print(f"seed={seed} node_cost={node_cost}")
   prob, cfg, width = _tree(seed, node_cost)
   ilp, brute = solve(prob, cfg, width), solve_brute(prob, cfg, width)
-  _check(prob, ilp, cfg, width)
-  _check(prob, brute, cfg, width)
+  via_scipy = solve_scipy(prob, cfg, width)
+  for sel in (ilp, brute, via_scipy):
+    _check(prob, sel, cfg, width)
   assert ilp.objective == pytest.approx(brute.objective, abs=1e-7)
+  assert via_scipy.objective == pytest.approx(brute.objective, abs=1e-7)
   if prob.num_candidates <= 8:  # and solve_brute against the loop objective over all subsets
     best = max(_objective(prob, cfg, s, width) for r in range(1, prob.num_candidates + 1)
                for s in itertools.combinations(range(prob.num_candidates), r))
@@ -174,10 +177,15 @@ def test_ets_allocate_spends_the_width_on_kept_candidates_only(seed):
 def test_without_cvxpy_small_problems_fall_back_and_large_ones_name_the_package(monkeypatch):
   prob, cfg, width = _tree(4, "uniform")
   expected = solve_brute(prob, cfg, width)
+  large = _mid(0)
+  with_cvxpy = solve(large, ETSConfig())
   monkeypatch.setitem(sys.modules, "cvxpy", None)  # `import cvxpy` raises ImportError
   assert solve(prob, cfg, width).kept == expected.kept
+  # M > 16: the same HiGHS program through scipy.optimize.milp
+  assert solve(large, ETSConfig()).objective == pytest.approx(with_cvxpy.objective, abs=1e-7)
+  monkeypatch.setitem(sys.modules, "scipy.optimize", None)
   with pytest.raises(ImportError, match="pip install cvxpy highspy"):
-    solve(_mid(0), ETSConfig())
+    solve(large, ETSConfig())
 
 
 def _bad_problem(**kw):
