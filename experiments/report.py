@@ -348,10 +348,11 @@ SPECS: dict[str, TableSpec] = {
                         f"{100 * (p.get('greedy_accuracy') or 0):.1f}% on them; sampling "
                         f"temperature {p.get('temperature')}, at most {p.get('max_depth')} steps, "
                         f"{p.get('children')} children per beam (beam, DVTS); KV pages: pages of "
-                        f"{p.get('page_size', 16)} tokens held, the prompt's excluded (mean over the search's steps, "
-                        f"then over problems); ETS at the paper's lambdas, its ILP by "
-                        f"{p.get('ilp_solver', 'cvxpy+HiGHS')}; ILP share: the step programs' "
-                        f"share of the wall time.")),
+                        f"{p.get('page_size', 16)} tokens held, the prompt's excluded (mean over "
+                        f"the search's steps, then over problems); ETS at the paper's lambdas, "
+                        f"its ILP by {p.get('ilp_solver', 'cvxpy+HiGHS')}; ILP share: ETS's step "
+                        f"selection ({p.get('ilp_share_counts', 'step embeddings, clustering')}"
+                        f" and the program) over the wall time.")),
     "longctx_train": TableSpec(
         columns=(("step", "step", _plain), ("needle", "needle", _pct),
                  ("multikey", "multikey", _pct), ("multivalue", "multivalue", _pct),

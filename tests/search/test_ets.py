@@ -1,6 +1,7 @@
-"""ETS's step program: HiGHS's optimum against exhaustive search and a loop objective on random
-trees (uniform and token costs), the constraints in what it returns, the lambdas' effect,
-ets_allocate on hand cases, the fallbacks without cvxpy (SciPy's HiGHS, exhaustive search), bad inputs, and the clustering against scipy."""
+"""ETS's step program: HiGHS's optimum (through cvxpy and through SciPy) against exhaustive search
+and a loop objective on random trees (uniform and token costs), the constraints in what it
+returns, the lambdas' effect, ets_allocate on hand cases, the fallbacks without cvxpy, bad
+inputs, and the clustering against scipy."""
 
 import dataclasses
 import itertools
