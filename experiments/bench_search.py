@@ -180,6 +180,7 @@ def main(argv=None) -> dict:
          "n": n, "widths": widths, "methods": args.methods, "children": args.children,
          "temperature": args.temperature, "max_depth": args.max_depth,
          "ilp_solver": solver_name(), "page_size": args.page_size,
+         "ilp_share_counts": "clustering",
          "greedy_accuracy": greedy_accuracy(policy, tok, problems, stop, max_new), "rows": []}
   out_dir = Path(args.out) if args.out else RESULTS_DIR
   kw = dict(stop=stop, step=step, seed=args.seed, max_step_tokens=args.max_step_tokens,

@@ -48,6 +48,14 @@ class Scorer(Protocol):
     """[n, D] an embedding of each path's last step (its last step_lengths[i] tokens)."""
 
 
+def _score_embed(scorer: Scorer, paths, step_lengths) -> tuple[np.ndarray, np.ndarray]:
+  """Scores and last-step embeddings: one pass where the scorer has `score_embed` (PRMScorer)."""
+  both = getattr(scorer, "score_embed", None)
+  if both is not None:
+    return both(paths, step_lengths)
+  return scorer.score(paths), scorer.embed(paths, step_lengths)
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
   """Attributes:
@@ -88,7 +96,7 @@ class SearchResult:
   prm_calls: int
   tokens_generated: int
   wall_s: float
-  ilp_s: float
+  ilp_s: float  # ETS's step selection: clustering the step embeddings and the program
   depth: int
 
 
@@ -140,16 +148,20 @@ def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
   depth = 1
   while leaves:
     paths = [tree.path(x) for x in leaves]
-    scores = np.asarray(scorer.score(paths), np.float64)
+    if cfg.method == "ets":  # the step embeddings come from the same PRM pass as the scores
+      scores, embs = _score_embed(scorer, paths, [len(tree.nodes[x].tokens) for x in leaves])
+    else:
+      scores, embs = scorer.score(paths), None
+    scores = np.asarray(scores, np.float64)
     prm_calls += 1
-    live, live_paths, live_scores = [], [], []
-    for x, p, s in zip(leaves, paths, scores):
+    live, live_embs, live_scores = [], [], []
+    for i, (x, p, s) in enumerate(zip(leaves, paths, scores)):
       if tree.nodes[x].done:
         solutions.append((answer_of(p), float(s), p))
         tree.release(x)
       else:
         live.append(x)
-        live_paths.append(p)
+        live_embs.append(i)
         live_scores.append(s)
     left = cfg.width - len(solutions)
     if not live or left <= 0:
@@ -173,10 +185,8 @@ def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
     elif cfg.method == "rebase":
       counts = allocate(s, left, cfg.temperature)
     else:  # ets
-      lengths = [len(tree.nodes[x].tokens) for x in live]
       t1 = time.perf_counter()
-      labels = cluster(np.asarray(scorer.embed(live_paths, lengths)),
-                       cfg.ets.cluster_distance)
+      labels = cluster(np.asarray(embs)[live_embs], cfg.ets.cluster_distance)
       # lambda_s by the search's width (the paper's presets), not by the width left.
       ets = dataclasses.replace(cfg.ets, temperature=cfg.temperature,
                                 lambda_s=cfg.ets.lambda_s_at(cfg.width))

@@ -73,9 +73,18 @@ class PRM(nnx.Module):
   def score(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
     """sigmoid(value) at each sequence's last real token: tokens [B, T] right-padded, lengths
     [B] int (1 <= lengths <= T) -> [B] f32 in (0, 1). Causal, so the padding does not matter."""
-    v = self.values(tokens)
-    last = jnp.clip(lengths - 1, 0, tokens.shape[1] - 1)
-    return jax.nn.sigmoid(jnp.take_along_axis(v, last[:, None], axis=1)[:, 0])
+    return self._score_of(self.features(tokens), lengths)
+
+  def _score_of(self, f: jax.Array, lengths: jax.Array) -> jax.Array:
+    last = jnp.clip(lengths - 1, 0, f.shape[1] - 1)
+    feat = jnp.take_along_axis(f, last[:, None, None], axis=1)  # [B, 1, D]
+    return jax.nn.sigmoid(self.value_head(feat)[:, 0, 0])
+
+  def score_embed(self, tokens: jax.Array, lengths: jax.Array, step_lengths: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(score, embed) from one trunk pass: [B] f32 and [B, D] f32 (ETS needs both per step)."""
+    f = self.features(tokens)
+    return self._score_of(f, lengths), self._embed_of(f, tokens, lengths, step_lengths)
 
   def embed(self, tokens: jax.Array, lengths: jax.Array,
             step_lengths: jax.Array | None = None) -> jax.Array:
@@ -91,7 +100,9 @@ class PRM(nnx.Module):
       lengths: [B] int real tokens per row (>= 1).
       step_lengths: optional [B] int (>= 1) tokens of the last step.
     """
-    f = self.features(tokens)
+    return self._embed_of(self.features(tokens), tokens, lengths, step_lengths)
+
+  def _embed_of(self, f, tokens, lengths, step_lengths=None) -> jax.Array:
     t = tokens.shape[1]
     pos = jnp.arange(t)[None]  # [1, T]
     if step_lengths is None:
@@ -136,6 +147,11 @@ def _embed(graphdef, state, tokens, lengths, step_lengths):
   return nnx.merge(graphdef, state).embed(tokens, lengths, step_lengths)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _score_embed(graphdef, state, tokens, lengths, step_lengths):
+  return nnx.merge(graphdef, state).score_embed(tokens, lengths, step_lengths)
+
+
 class PRMScorer:
   """search.methods.Scorer over a PRM: paths are padded to power-of-two batch sizes and to a
   multiple of pad_to tokens, so a search compiles a handful of shapes."""
@@ -160,10 +176,19 @@ class PRMScorer:
     tokens, lengths = self._pad(paths)
     return np.asarray(_score(self.graphdef, self.state, tokens, lengths))[:len(paths)]
 
-  def embed(self, paths: Sequence[Sequence[int]], step_lengths: Sequence[int]) -> np.ndarray:
-    """[n, D] float32 mean features over each path's last step_lengths[i] tokens."""
+  def _pad_steps(self, paths, step_lengths):
     tokens, lengths = self._pad(paths)
     sl = np.ones_like(lengths)
     sl[:len(paths)] = np.asarray(step_lengths, np.int32)
-    out = _embed(self.graphdef, self.state, tokens, lengths, sl)
+    return tokens, lengths, sl
+
+  def embed(self, paths: Sequence[Sequence[int]], step_lengths: Sequence[int]) -> np.ndarray:
+    """[n, D] float32 mean features over each path's last step_lengths[i] tokens."""
+    out = _embed(self.graphdef, self.state, *self._pad_steps(paths, step_lengths))
     return np.asarray(out)[:len(paths)]
+
+  def score_embed(self, paths: Sequence[Sequence[int]], step_lengths: Sequence[int]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(score(paths), embed(paths, step_lengths)) from one forward pass."""
+    s, e = _score_embed(self.graphdef, self.state, *self._pad_steps(paths, step_lengths))
+    return np.asarray(s)[:len(paths)], np.asarray(e)[:len(paths)]

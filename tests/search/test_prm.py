@@ -149,5 +149,8 @@ def test_scorer_matches_the_module():
   assert emb.shape == (3, CFG.d_model)
   f = np.asarray(_jit(prm, "features")(jnp.asarray([paths[1]])))[0]
   np.testing.assert_allclose(emb[1], f[-3:].mean(0), atol=1e-5)
+  both_scores, both_emb = scorer.score_embed(paths, [2, 3, 1])  # one pass, the same numbers
+  np.testing.assert_allclose(both_scores, got, atol=1e-6)
+  np.testing.assert_allclose(both_emb, emb, atol=1e-6)
   with pytest.raises(ValueError, match="at least one token"):
     scorer.score([[1, 2], []])
