@@ -43,11 +43,15 @@ class HeadGroup:
     k: [B, Kg, N, E] keys after RoPE.
     v: [B, Kg, N, E] values.
     pos: [B, Kg, N] int32 position of the token in each slot, -1 = empty.
+    acc: [B, Kg, N] float32 attention each slot's token has accumulated, for policies that
+      update it while decoding (H2O); None when no policy keeps it. A write zeroes its slots;
+      repack carries it.
   """
 
   k: jax.Array
   v: jax.Array
   pos: jax.Array
+  acc: jax.Array | None = None
 
   @property
   def num_heads(self) -> int:
@@ -87,7 +91,8 @@ class HeadGroup:
     v = self.v.at[bi, hi, slot].set(v_new.transpose(0, 2, 1, 3).astype(self.v.dtype), mode="drop")
     pos = self.pos.at[bi, hi, slot].set(
         jnp.broadcast_to(positions[:, None].astype(jnp.int32), slot.shape), mode="drop")
-    return HeadGroup(k, v, pos)
+    acc = None if self.acc is None else self.acc.at[bi, hi, slot].set(0.0, mode="drop")
+    return HeadGroup(k, v, pos, acc)
 
 
 _dataclass_pytree(HeadGroup)
@@ -226,11 +231,14 @@ class KVCache:
     return tuple(layer.budgets() for layer in self.layers)
 
   def nbytes(self, include_positions: bool = True) -> int:
-    """Bytes held by the K and V buffers (and the position index): what the cache costs."""
+    """Bytes held by the K and V buffers (and the position index and accumulated scores):
+    what the cache costs."""
     total = 0
     for layer in self.layers:
       for g in layer.groups:
-        total += g.k.nbytes + g.v.nbytes + (g.pos.nbytes if include_positions else 0)
+        total += g.k.nbytes + g.v.nbytes
+        if include_positions:
+          total += g.pos.nbytes + (0 if g.acc is None else g.acc.nbytes)
     return total
 
   def held_tokens(self) -> np.ndarray:
@@ -381,6 +389,10 @@ def repack(cache: KVCache, budgets: Budgets, keep: Callable[[int, int, jax.Array
     v_all = jnp.concatenate([pad(g.v, g.budget) for g, _ in src], axis=1)
     p_all = jnp.concatenate([pad(g.pos, g.budget, -1) for g, _ in src], axis=1)
     ok_all = jnp.concatenate([pad(ok, g.budget, False) for g, ok in src], axis=1)
+    with_acc = any(g.acc is not None for g, _ in src)
+    if with_acc:
+      acc_all = jnp.concatenate([pad(jnp.zeros(g.pos.shape, jnp.float32) if g.acc is None
+                                     else g.acc, g.budget) for g, _ in src], axis=1)
     rank = jnp.cumsum(ok_all, axis=-1) - 1  # [B, K, N_src]
     groups, h0 = [], 0
     for n, run in itertools.groupby(heads):
@@ -389,9 +401,12 @@ def repack(cache: KVCache, budgets: Budgets, keep: Callable[[int, int, jax.Array
       dest = jnp.where(ok_all[:, sl] & (rank[:, sl] < n), rank[:, sl], n)
       bi, hi = np.ogrid[:b, :m, :1][:2]
       tgt = empty_group(b, m, n, e, dt)
+      acc = (jnp.zeros(tgt.pos.shape, jnp.float32).at[bi, hi, dest].set(acc_all[:, sl],
+                                                                          mode="drop")
+             if with_acc else None)
       groups.append(HeadGroup(tgt.k.at[bi, hi, dest].set(k_all[:, sl], mode="drop"),
                               tgt.v.at[bi, hi, dest].set(v_all[:, sl], mode="drop"),
-                              tgt.pos.at[bi, hi, dest].set(p_all[:, sl], mode="drop")))
+                              tgt.pos.at[bi, hi, dest].set(p_all[:, sl], mode="drop"), acc))
       h0 += m
     layers.append(dataclasses.replace(layer, groups=tuple(groups)))
   return KVCache(tuple(layers), cache.lengths)

@@ -30,6 +30,8 @@ class Compression:
       attention, which returns them).
     prefill_room: the prefill cache needs room only for the prompt (the policy builds the
       cache that decoding continues in); otherwise prefill uses the caller's budgets.
+    decode_policy: the policy inside the loop, when it differs from the one after prefill
+      (H2O: repack after prefill, then evict one slot at a time); None = `policy`.
   """
 
   policy: Policy
@@ -37,6 +39,7 @@ class Compression:
   every: int = 0
   decode_scores: bool = False
   prefill_room: bool = False
+  decode_policy: Policy | None = None
 
   def __post_init__(self):
     for name in ("window", "every"):

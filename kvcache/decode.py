@@ -173,6 +173,7 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, first: jax.Array, cac
   chunk = max(1, min(sync_every, max_new_tokens - 1))
   every = compression.every if compression is not None else 0
   want_probs = bool(every and compression.decode_scores)
+  policy = None if not every else (compression.decode_policy or compression.policy)
 
   def cond(s):
     i, _, _, done, _, _, _ = s
@@ -183,10 +184,9 @@ def decode_loop(graphdef: nnx.GraphDef, params: nnx.State, first: jax.Array, cac
     key, sub = jax.random.split(key)
     logits, cache, scores = _step(model, tok, cache, num_chains, want_probs)
     if every == 1:
-      cache = compression.policy(cache, scores if want_probs else None)
+      cache = policy(cache, scores if want_probs else None)
     elif every:
-      cache = jax.lax.cond(i % every == 0,
-                           lambda c: compression.policy(c, scores if want_probs else None),
+      cache = jax.lax.cond(i % every == 0, lambda c: policy(c, scores if want_probs else None),
                            lambda c: c, cache)
     nxt = sample(logits, sub, sampling)
     nxt = jnp.where(done, -1, nxt)

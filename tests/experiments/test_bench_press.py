@@ -20,7 +20,8 @@ def setup(corpus):
   return tok, model, exs
 
 
-@pytest.mark.parametrize("method", ["snapkv", "windowkv", "streamingllm", "mpcache-dyn"])
+@pytest.mark.parametrize("method", ["snapkv", "windowkv", "streamingllm", "mpcache-dyn",
+                                    "h2o-decode"])
 @pytest.mark.parametrize("aware", [True, False])
 def test_compressed_runs_score_and_hold_less(setup, method, aware):
   tok, model, exs = setup

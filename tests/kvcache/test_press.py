@@ -144,3 +144,94 @@ def test_budgets_of_one_bucket_share_the_decode_loop(spread_decoder):
     assert info["cache"].budgets() == ((24, 24), (24, 24))
     sizes.append(decode_loop._cache_size())
   assert sizes[1] == sizes[0] and sizes[2] == sizes[0]
+
+
+def test_h2o_decoding_accumulates_and_evicts_like_a_loop_reference(press_inputs):
+  """H2O(decode=True): after prefill each kept slot carries its window attention; each decode
+  step adds the step's attention, and a full head evicts its lightest slot outside the recent
+  window: checked step by step against a per-(sequence, head) loop on random probabilities."""
+  import dataclasses
+
+  import jax.numpy as jnp
+
+  seed = 64
+  print(f"seed={seed}")
+  rng = np.random.default_rng(seed)
+  cache, scores, lengths = press_inputs(seed, n_layers=2)
+  press = H2O(14, window=8, room=2, decode=True)
+  out = press(cache, scores)
+  n = out.layers[0].groups[0].budget  # 16 slots: 14 kept + 2 free
+  ref = {}  # (layer, b, h) -> [pos, acc] over the n slots
+  for li in range(2):
+    pos0 = np.asarray(cache.layers[li].groups[0].pos)
+    acc0 = np.asarray(scores[li][0]).sum(axis=(2, 3))
+    g = out.layers[li].groups[0]
+    for b in range(2):
+      for h in range(2):
+        p, a = np.asarray(g.pos[b, h]), np.asarray(g.acc[b, h])
+        for slot in np.flatnonzero(p >= 0):  # the carried score is the slot's window attention
+          src = int(np.flatnonzero(pos0[b, h] == p[slot])[0])
+          assert a[slot] == pytest.approx(acc0[b, h, src], rel=1e-6)
+        ref[li, b, h] = [p.copy(), a.copy()]
+  recent = int(n * press.recent_ratio)
+  for step in range(5):  # 2 steps fill the room, then one eviction per step
+    layers, step_scores = [], []
+    for li, layer in enumerate(out.layers):
+      k, v = (jnp.asarray(rng.standard_normal((2, 1, 2, 8)), jnp.float32) for _ in range(2))
+      layer = layer.update(k, v, out.lengths[:, None])
+      g = layer.groups[0]
+      logits = np.where(np.asarray(g.pos) >= 0, rng.standard_normal((2, 2, n)) * 2, -np.inf)
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p = np.broadcast_to((p / p.sum(-1, keepdims=True))[:, :, None, None], (2, 2, 3, 1, n))
+      layers.append(layer)
+      step_scores.append((jnp.asarray(p, jnp.float32),))
+      for b in range(2):
+        for h in range(2):
+          rp, ra = ref[li, b, h]
+          free = np.flatnonzero(rp < 0)
+          rp[free[0]], ra[free[0]] = int(out.lengths[b]), 0.0  # the write: first free slot
+          ra += p[b, h, :, 0].sum(0)
+    length = np.asarray(out.lengths) + 1
+    out = press.step(dataclasses.replace(out, layers=tuple(layers),
+                                         lengths=jnp.asarray(length)), tuple(step_scores))
+    for li in range(2):
+      g = out.layers[li].groups[0]
+      for b in range(2):
+        for h in range(2):
+          rp, ra = ref[li, b, h]
+          if (rp >= 0).all():
+            old = np.flatnonzero(rp < length[b] - recent)
+            victim = old[np.argmin(ra[old])]
+            rp[victim], ra[victim] = -1, 0.0
+          np.testing.assert_array_equal(np.asarray(g.pos[b, h]), rp, err_msg=f"{step} {li}")
+          np.testing.assert_allclose(np.asarray(g.acc[b, h]), ra, rtol=1e-5, atol=1e-7)
+          assert (rp >= 0).sum() == n - 1  # one slot free for the next write, every step
+
+
+def test_generate_with_h2o_decoding(spread_decoder):
+  """A budget that keeps the prompt with room for every new token evicts nothing: the same
+  greedy tokens as no compression; a small one keeps its budget + room slots per head and
+  holds the newest tokens."""
+  from colm.config import ModelConfig
+  from kvcache import generate
+  cfg = ModelConfig.tiny(max_seq_len=128, n_kv_heads=2, n_heads=4, n_layers=2)
+  model = spread_decoder(cfg, 8)
+  rng = np.random.default_rng(65)
+  print("seed=65")
+  prompts = [rng.integers(0, cfg.vocab_size, 30).tolist(), rng.integers(0, cfg.vocab_size,
+                                                                        22).tolist()]
+  plain = generate(model, prompts, max_new_tokens=8, pad_to=32)
+  whole = H2O(32, window=8, room=8, decode=True)
+  assert generate(model, prompts, max_new_tokens=8, pad_to=32,
+                  compression=whole.compression()) == plain
+  small = H2O(12, window=8, room=2, decode=True)
+  out, info = generate(model, prompts, max_new_tokens=8, pad_to=32,
+                       compression=small.compression(), return_info=True)
+  c = info["cache"]
+  assert [len(o) for o in out] == [8, 8] and c.budgets() == ((14, 14), (14, 14))
+  held = c.held_tokens()  # [L, B, K]: full but one free slot after the last eviction
+  assert (held == 13).all(), held
+  for layer in c.layers:
+    pos = np.asarray(layer.groups[0].pos)
+    last = np.asarray(c.lengths) - 1
+    assert (pos == last[:, None, None]).any(-1).all()  # the newest token is held
