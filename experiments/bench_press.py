@@ -47,6 +47,7 @@ MPCACHE = {"mpcache": None, "mpcache-dyn": {"keep1": 0.5, "child": 16, "keep2": 
 MPCACHE_WINDOW = 512  # window queries scored; MPCache uses the last 20% of the prompt's (<= this)
 
 OPTIONS: dict = {}  # method -> field overrides (--gamma, --beta), set by main
+BATCH: list[int | None] = [None]  # examples per generate call (--batch; None: all), set by main
 
 
 def make_press(method: str, budget: float | int, *, room: int = ROOM, task: str = "localization",
@@ -91,7 +92,10 @@ def run_examples(model, tok, examples, method: str | None, budget, *, query_awar
   texts = [""] * len(examples)
   held = []
   t0 = time.perf_counter()
-  for task, idx in groups.items():
+  step = BATCH[0] or len(examples)
+  chunks = [(task, idx[c:c + step]) for task, idx in groups.items()
+            for c in range(0, len(idx), step)]
+  for task, idx in chunks:
     comp = None if method is None else make_press(method, budget, task=task).compression()
     longest = max(len(prompts[i]) for i in idx) + (
         0 if suffixes is None else max(len(suffixes[i]) for i in idx))
@@ -174,6 +178,8 @@ def main(argv=None) -> dict:
                   "model's longest trained length)")
   ap.add_argument("--n", type=int, default=None, help="examples per family (default 16; quick 2)")
   ap.add_argument("--max-new", type=int, default=64)
+  ap.add_argument("--batch", type=int, default=None,
+                  help="examples per generate call (default all; a CPU needs ~8 at 2K tokens)")
   ap.add_argument("--task-switch", choices=("classifier", "oracle"), default="classifier")
   ap.add_argument("--grid-lengths", type=int, nargs="+", default=None)
   ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -198,6 +204,9 @@ def main(argv=None) -> dict:
   ap.add_argument("--name", default="press")
   args = ap.parse_args(argv)
   OPTIONS.clear()
+  if args.batch is not None and args.batch < 1:
+    raise SystemExit(f"--batch must be >= 1, got {args.batch}")
+  BATCH[0] = args.batch
   wk = {k: v for k, v in (("gamma", args.gamma), ("lam", args.lam)) if v is not None}
   if wk:
     OPTIONS["windowkv"] = wk
@@ -224,7 +233,8 @@ def main(argv=None) -> dict:
   sections = [s for s in args.sections if not (args.quick and s == "speed")]
   res: dict = {"model": str(args.model), "model_info": info, "length": length, "n": n,
                "methods": args.methods, "budgets": args.budgets, "task_switch": args.task_switch,
-               "room": ROOM, "max_new": args.max_new, "options": dict(OPTIONS)}
+               "room": ROOM, "max_new": args.max_new, "options": dict(OPTIONS),
+               "batch": args.batch}
   out_dir = Path(args.out) if args.out else RESULTS_DIR
   t_start = time.time()
 

@@ -4,7 +4,8 @@ reasoning task, with the policy and process reward model of experiments.reasonin
 For each width and method, every held-out problem is searched on its own tree over the paged
 pool (search.tree), the PRM scoring every candidate (search.prm.PRMScorer). Per problem:
 weighted-majority and best-PRM accuracy (exact checker), pass@N (any finished solution right),
-KV held in pages (mean and peak over the search, with and without the prompt's pages), policy
+KV held in pages (mean and peak over the search, with and without the prompt's pages) and in
+distinct step tokens (the ETS code's measure: shared ancestors once, the prompt excluded), policy
 calls, tokens generated; per cell: problems/s and the ILP's share of the wall time. The greedy
 policy's accuracy is the reference the search must beat. --lambda-b / --lambda-s sweep ETS.
 
@@ -92,7 +93,10 @@ def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, see
   return {"accuracy_vote": mean["vote"], "accuracy_best": mean["best"],
           "pass_at_n": mean["pass"], "mean_pages": mean["mean_pages"],
           "peak_pages": mean["peak_pages"], "mean_pages_no_prompt": mean["mean_pages_no_prompt"],
-          "peak_pages_no_prompt": mean["peak_pages_no_prompt"], "model_calls": mean["model_calls"],
+          "peak_pages_no_prompt": mean["peak_pages_no_prompt"],
+          "mean_tokens_no_prompt": mean["mean_tokens_no_prompt"],
+          "peak_tokens_no_prompt": mean["peak_tokens_no_prompt"],
+          "model_calls": mean["model_calls"],
           "prm_calls": mean["prm_calls"], "tokens": mean["tokens"],
           "solutions": mean["solutions"], "problems_per_s": len(problems) / wall, "wall_s": wall,
           "ilp_share": ilp / wall}
@@ -205,6 +209,8 @@ def main(argv=None) -> dict:
     reb = by[r["width"]].get("rebase")
     if reb is not None:
       r["kv_x_vs_rebase"] = reb["mean_pages_no_prompt"] / max(r["mean_pages_no_prompt"], 1e-9)
+      r["kv_tokens_x_vs_rebase"] = (reb["mean_tokens_no_prompt"]
+                                    / max(r["mean_tokens_no_prompt"], 1e-9))
       r["speed_x_vs_rebase"] = r["problems_per_s"] / max(reb["problems_per_s"], 1e-9)
   png = out_dir / f"{path.stem}.png"
   plot(res["rows"], png)

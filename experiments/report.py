@@ -340,6 +340,8 @@ SPECS: dict[str, TableSpec] = {
                  ("mean KV pages", "mean_pages_no_prompt", lambda v: f"{v:.1f}"),
                  ("peak KV pages", "peak_pages_no_prompt", lambda v: f"{v:.1f}"),
                  ("KV x (vs REBASE)", "kv_x_vs_rebase", _x),
+                 ("mean KV tokens", "mean_tokens_no_prompt", lambda v: f"{v:.0f}"),
+                 ("tokens x (vs REBASE)", "kv_tokens_x_vs_rebase", _x),
                  ("problems/s", "problems_per_s", lambda v: f"{v:.2f}"),
                  ("speed x (vs REBASE)", "speed_x_vs_rebase", _x),
                  ("ILP share", "ilp_share", _pct)),

@@ -84,6 +84,7 @@ class SearchTree:
     self.model_calls = 0  # batched jit calls of the policy (prefill + decode steps)
     self.tokens_generated = 0
     self.page_trace: list[tuple[int, int]] = []  # (pages held, prompt pages) per expansion
+    self.token_trace: list[int] = []  # tokens_held() per expansion
     root = self._new(None, list(prompt), 0)
     self.root = root.id
     self.kv = apply_copies(self.kv, self.pool.add(root.id) + self.pool.extend(root.id,
@@ -112,6 +113,17 @@ class SearchTree:
 
   def _record(self) -> None:
     self.page_trace.append((self.pool.pages_in_use, self.prompt_pages))
+    self.token_trace.append(self.tokens_held())
+
+  def tokens_held(self) -> int:
+    """Distinct step tokens on the paths of the frontier, the prompt excluded: the KV measure
+    of the ETS paper's code (each shared ancestor counted once, pages ignored)."""
+    live: set[int] = set()
+    for n in self.frontier():
+      while n is not None and n not in live and n != self.root:
+        live.add(n)
+        n = self.nodes[n].parent
+    return sum(len(self.nodes[i].tokens) for i in live)
 
   def held(self, node_id: int) -> bool:
     """Whether the node still holds a pool sequence (it is on the frontier)."""
@@ -217,10 +229,13 @@ class SearchTree:
   # Memory ----------------------------------------------------------------------------------------
 
   def kv_stats(self) -> dict:
-    """Pages held: peak and mean over the expansions, with and without the prompt's pages."""
+    """Pages held: peak and mean over the expansions, with and without the prompt's pages; and
+    the distinct step tokens held (tokens_held), peak and mean."""
     held = np.asarray([h for h, _ in self.page_trace], np.float64)
     no_prompt = np.asarray([h - p for h, p in self.page_trace], np.float64)
+    toks = np.asarray(self.token_trace, np.float64)
     return {"peak_pages": float(held.max()), "mean_pages": float(held.mean()),
             "peak_pages_no_prompt": float(no_prompt.max()),
             "mean_pages_no_prompt": float(no_prompt.mean()),
+            "peak_tokens_no_prompt": float(toks.max()), "mean_tokens_no_prompt": float(toks.mean()),
             "page_size": self.pool.page_size, "prompt_pages": self.prompt_pages}

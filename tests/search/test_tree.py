@@ -44,7 +44,17 @@ def test_pages_are_shared_and_freed(model):
     assert tree.pool.pages_in_use == len({p for t in tables for p in t})
     if len(tables) > 1:
       assert tree.pool.pages_in_use < sum(map(len, tables))
+    # Tokens held: each node on a frontier path once (the prompt excluded).
+    ancestors = set()
+    for n in tree.frontier():
+      while tree.nodes[n].parent is not None:
+        ancestors.add(n)
+        n = tree.nodes[n].parent
+    assert tree.tokens_held() == sum(len(tree.nodes[a].tokens) for a in ancestors)
+    per_leaf = sum(len(tree.path(n)) - len(tree.nodes[tree.root].tokens) for n in tree.frontier())
+    assert tree.tokens_held() <= per_leaf
   stats = tree.kv_stats()
+  assert stats["peak_tokens_no_prompt"] >= stats["mean_tokens_no_prompt"] > 0
   assert stats["peak_pages"] >= stats["mean_pages"] >= stats["prompt_pages"] > 0
   assert stats["peak_pages_no_prompt"] == stats["peak_pages"] - stats["prompt_pages"]
   tree.close()
