@@ -116,6 +116,10 @@ def _s2_bench_note(p: dict) -> str | None:
           f"last layer of four dense.")
 
 
+def _grid_note(p: dict) -> str:
+  return f"needle grid at budget {p.get('grid_budget')}; " if "grid" in p else ""
+
+
 def press_rows(p: dict) -> list[dict]:
   """bench press: one row per mode, method and budget (score, share of the full cache's,
   localization / aggregation scores, KV held), then the speed rows (mode 'speed ...')."""
@@ -291,7 +295,7 @@ SPECS: dict[str, TableSpec] = {
         note=lambda p: (f"Suite at {p.get('length')} tokens, {p.get('n')} examples per family "
                         f"(7 families), greedy, exact scorers; KV held: bytes of K/V after "
                         f"compression over the full cache's, {p.get('room')} free slots per head "
-                        f"included; needle grid at budget {p.get('grid_budget')}; WindowKV's "
+                        f"included; {_grid_note(p)}WindowKV's "
                         f"task switch: {p.get('task_switch')} (accuracy "
                         f"{p.get('classifier_accuracy')}); press options "
                         f"{p.get('options') or 'none (the papers defaults)'}.")),
