@@ -199,6 +199,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--beta", type=float, default=None, help="PyramidKV's beta (default 20)")
   ap.add_argument("--tau", type=float, default=None, help="MPCache's static threshold "
                   "(default 1e-3)")
+  ap.add_argument("--mpcache-heads", choices=("all", "group"), default=None,
+                  help='MPCache static score: "all" heads (the paper, default) or per KV "group"')
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None)
   ap.add_argument("--name", default="press")
@@ -212,9 +214,10 @@ def main(argv=None) -> dict:
     OPTIONS["windowkv"] = wk
   if args.beta is not None:
     OPTIONS["pyramidkv"] = {"beta": args.beta}
-  if args.tau is not None:
+  mp = {k: v for k, v in (("tau", args.tau), ("heads", args.mpcache_heads)) if v is not None}
+  if mp:
     for m in MPCACHE:
-      OPTIONS[m] = {"tau": args.tau}
+      OPTIONS[m] = dict(mp)
   for m in args.methods:
     make_press(m, 0.5)  # unknown names: a one-line error first
   for b in args.budgets:

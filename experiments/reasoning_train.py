@@ -29,7 +29,8 @@ Writes <out>/policy/ and <out>/prm/ (save_model's bfloat16 safetensors shards + 
 
 Sizes: --quick is a 0.1M-parameter model on toy problems for the CPU (about 40 s on two cores);
 the default (ReasoningConfig.gpu) is a ~13M model (8 layers, d 384) on 4-number countdown /
-3-step word problems, meant for a few minutes on one H200 (chosen, not yet run on a GPU).
+3-step word problems: with max_minutes=5.0, 278 s on one H200 (120 s of it data preparation;
+greedy accuracy 33%, PRM step AUC 0.97: results/reasoning_train_gpu.json).
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class ReasoningConfig:
   @classmethod
   def gpu(cls, **kw) -> ReasoningConfig:
     """~13M parameters (8 x d384, GQA 6/2 heads, bf16 compute), 200k policy / 100k PRM traces,
-    Math-Shepherd rollouts (4 per step on 2048 traces): meant for a few minutes on one H200
-    (sizes chosen, not yet run on a GPU)."""
+    Math-Shepherd rollouts (4 per step on 2048 traces): under 5 minutes on one H200 (the step
+    caps, not the time budget, ended both phases there)."""
     model = ModelConfig(vocab_size=2048, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2,
                         head_dim=64, ffn_dim=1024, max_seq_len=256, dtype="bfloat16")
     return cls(**{"model": model, "rollouts": 4, **kw})

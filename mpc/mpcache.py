@@ -169,6 +169,8 @@ class MPCache(Press):
     sink, recent: the first `sink` and last `recent` prompt tokens always stay.
     share: cross-layer index sharing of the static selection in groups of `share` layers.
     dynamic: the per-step selection, or None for static eviction alone.
+    heads: "all" (the paper's: one mean over every head of the layer, the same tokens kept for
+      all KV heads) or "group" (an ablation: each KV head's mean over its own query heads).
   """
 
   window: int = 512
@@ -178,9 +180,12 @@ class MPCache(Press):
   recent: int = 32
   share: int = 1
   dynamic: Dynamic | None = None
+  heads: str = "all"
 
   def __post_init__(self):
     super().__post_init__()
+    if self.heads not in ("all", "group"):
+      raise ValueError(f'heads must be "all" or "group", got {self.heads!r}')
     if not 0.0 <= self.tau < 1.0:
       raise ValueError(f"tau must be in [0, 1), got {self.tau}")
     if not 0.0 < self.window_ratio <= 1.0:
@@ -192,13 +197,15 @@ class MPCache(Press):
     return self.sink + self.recent, f"sink + recent = {self.sink + self.recent}"
 
   def importance(self, layer, probs, pos, lengths):
-    """[B, K, N]: max over the sequence's window queries of the mean over the layer's heads."""
+    """[B, K, N]: max over the sequence's window queries of the mean over the layer's heads
+    (heads="group": over each KV head's query heads)."""
     w = probs.shape[3]
     win = jnp.ceil(self.window_ratio * lengths).astype(jnp.int32)  # [B] queries in the window
     use = jnp.arange(w)[None, :] >= (w - jnp.minimum(win, w))[:, None]  # [B, W]
-    mean = jnp.mean(probs.astype(jnp.float32), axis=(1, 2))  # [B, W, N]
-    imp = jnp.max(jnp.where(use[:, :, None], mean, 0.0), axis=1)  # [B, N]
-    return jnp.broadcast_to(imp[:, None], pos.shape)
+    p = probs.astype(jnp.float32)
+    mean = jnp.mean(p, axis=2) if self.heads == "group" else jnp.mean(p, axis=(1, 2))[:, None]
+    imp = jnp.max(jnp.where(use[:, None, :, None], mean, 0.0), axis=2)  # [B, K or 1, N]
+    return jnp.broadcast_to(imp, pos.shape)
 
   def select(self, layer, importance, pos, lengths, budgets):
     forced = (pos >= 0) & ((pos < self.sink) | (pos >= (lengths - self.recent)[:, None, None]))

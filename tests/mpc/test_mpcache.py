@@ -101,20 +101,22 @@ def test_dynamic_selection_matches_the_loop_reference(dyn):
       assert set(np.flatnonzero(got[bi, h]).tolist()) == want, (bi, h)
 
 
-def test_static_eviction_matches_the_loop_reference(press_inputs, kept_positions):
+@pytest.mark.parametrize("heads", ["all", "group"])
+def test_static_eviction_matches_the_loop_reference(press_inputs, kept_positions, heads):
   seed = 73
   print(f"seed={seed}")
   cache, scores, lengths = press_inputs(seed)
-  press = MPCache(20, window=8, tau=0.02, window_ratio=0.2, sink=2, recent=4, room=3)
+  press = MPCache(20, window=8, tau=0.02, window_ratio=0.2, sink=2, recent=4, room=3,
+                  heads=heads)
   out = press(cache, scores)
   assert out.budgets() == ((23, 23),) * 4
   for li in range(4):
     probs = np.asarray(scores[li][0])  # [B, K, G, W, N]
     for b in range(2):
       w = int(np.ceil(0.2 * lengths[b]))
-      mean = probs[b].mean(axis=(0, 1))  # [W, N]
-      imp = mean[-min(w, 8):].max(axis=0)
       for h in range(2):
+        mean = probs[b, h].mean(axis=0) if heads == "group" else probs[b].mean(axis=(0, 1))
+        imp = mean[-min(w, 8):].max(axis=0)  # mean [W, N] -> [N]
         pos = np.asarray(cache.layers[li].groups[0].pos[b, h])
         forced = {int(p) for p in pos if 0 <= p < 2 or p >= lengths[b] - 4}
         cand = sorted([(float(imp[j]), int(pos[j])) for j in range(len(pos)) if pos[j] >= 0
@@ -146,6 +148,8 @@ def test_bad_settings_are_one_line_errors():
     Dynamic(size=32, child=12)
   with pytest.raises(ValueError, match="share"):
     MPCache(16, share=0)
+  with pytest.raises(ValueError, match="heads"):
+    MPCache(16, heads="some")
 
 
 def test_generate_with_mpcache_end_to_end(spread_decoder):
