@@ -35,7 +35,9 @@ from experiments import longctx
 from experiments.results import RESULTS_DIR, write_results
 
 METHODS = ("streamingllm", "h2o", "snapkv", "pyramidkv", "windowkv")
-EXTRA = ("h2o-decode",)  # H2O with its scores updated while decoding (slower: jnp attention)
+# H2O with its scores updated while decoding (slower: jnp attention); MPCache's static eviction
+# scored per KV head instead of over all heads (an ablation).
+EXTRA = ("h2o-decode", "mpcache-group")
 BUDGETS = (0.5, 0.25, 0.12, 0.06)
 ROOM = 128  # free slots per head after compression: the question (query-agnostic) and the answer
 
@@ -60,6 +62,10 @@ def make_press(method: str, budget: float | int, *, room: int = ROOM, task: str 
                              **OPTIONS.get(method, {}))
   if method == "h2o-decode":  # H2O as the paper runs it: scores accumulate while decoding
     return H2O(budget, room=room, bucket=bucket, decode=True, **OPTIONS.get("h2o", {}))
+  if method == "mpcache-group":  # ablation: static eviction scored per KV head
+    from mpc.mpcache import MPCache
+    return MPCache(budget, window=MPCACHE_WINDOW, room=room, bucket=bucket,
+                   **{**OPTIONS.get("mpcache", {}), "heads": "group"})
   if method in MPCACHE:
     from mpc.mpcache import Dynamic, MPCache
     dyn = MPCACHE[method]

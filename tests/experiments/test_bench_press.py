@@ -44,5 +44,7 @@ def test_speed_rows_and_bad_names(setup):
   assert rows[1]["kv_fraction"] < 0.5 and rows[0]["speedup_vs_full"] == 1.0
   with pytest.raises(ValueError, match="unknown method 'bogus'"):
     make_press("bogus", 0.5)
+  assert make_press("mpcache-group", 0.5).heads == "group" and make_press("mpcache", 0.5).heads \
+      == "all"
   with pytest.raises(ValueError, match="budget"):
     make_press("snapkv", 0.0)
