@@ -46,6 +46,7 @@ class PrefixGroups:
     length: int32 [Gr] prefix tokens, a multiple of the page size (0: a padding group).
     shift: int32 [B] prefix tokens of each row's group (0: a row in no group).
     slot: int32 [B] where each row is in members, flattened (group * M + j; -1: in no group).
+    complete: (static) every row is in a group.
   """
 
   members: jax.Array
@@ -53,6 +54,7 @@ class PrefixGroups:
   length: jax.Array
   shift: jax.Array
   slot: jax.Array
+  complete: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: int,
@@ -79,7 +81,8 @@ def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: 
     length[j] = len(p) * page_size
     shift[r] = len(p) * page_size
     slot[r] = j * m + np.arange(len(r))
-  return PrefixGroups(*map(jnp.asarray, (members, tables, length, shift, slot)))
+  return PrefixGroups(*map(jnp.asarray, (members, tables, length, shift, slot)),
+                      complete=bool(np.all(slot >= 0)))
 
 
 def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
@@ -87,6 +90,41 @@ def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
   r, w = tables.shape
   kh, _, s, e = k_pages.shape
   return k_pages[:, tables].transpose(1, 0, 2, 3, 4).reshape(r, kh, w * s, e)
+
+
+def group_page_lists(tables: jax.Array, positions: jax.Array, groups: PrefixGroups,
+                     page_size: int) -> tuple[jax.Array, ...]:
+  """Each group's pages as one list for pallas_kernels.listed_paged_decode_attention: the
+  prefix pages (seen by every member) then each member's own pages after the prefix up to its
+  query, the live entries first.
+
+  Args:
+    tables: int32 [B, W]; positions: int32 [B] each row's query position; groups: [Gr, M].
+  Returns:
+    pages, owners, starts: int32 [Gr, L] with L = Wp + M * W (owner -1: the prefix, else the
+    member's index in the group; starts: the entry's first position); n_live: int32 [Gr];
+    member_pos: int32 [Gr, M] the members' query positions (-1: padding).
+  """
+  b, w = tables.shape
+  s = page_size
+  gr, mm = groups.members.shape
+  wp = groups.tables.shape[1]
+  n_p = groups.length // s  # [Gr] prefix pages
+  real = groups.members < b
+  mem = jnp.minimum(groups.members, b - 1)  # [Gr, M]
+  member_pos = jnp.where(real, positions[mem], -1)
+  count = jnp.where(real, jnp.clip(member_pos // s + 1 - n_p[:, None], 0, w - n_p[:, None]), 0)
+  cum = jnp.cumsum(count, axis=1)  # [Gr, M] own pages of members 0 .. m
+  u = jnp.arange(wp + mm * w, dtype=jnp.int32)[None]  # [1, L] list entries
+  v = u - n_p[:, None]  # [Gr, L] the index among the own pages
+  m = jnp.minimum(jnp.sum(cum[:, None, :] <= v[:, :, None], axis=2), mm - 1)  # whose own page
+  col = n_p[:, None] + v - jnp.take_along_axis(cum - count, m, 1)  # its column in the table
+  own = tables[jnp.take_along_axis(mem, m, 1), jnp.clip(col, 0, w - 1)]
+  prefix = u < n_p[:, None]
+  pages = jnp.where(prefix, groups.tables[jnp.arange(gr)[:, None], jnp.minimum(u, wp - 1)], own)
+  owners = jnp.where(prefix, -1, m)
+  starts = jnp.where(prefix, u, col) * s
+  return pages, owners, starts, n_p + cum[:, -1], member_pos
 
 
 def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -100,33 +138,50 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       prefix pages first); positions: int32 [B, T] the queries' positions (causal: a query sees
       tokens at or before its position).
     groups: the rows' prefix groups.
-    kernel: with T == 1, both parts through pallas_kernels' paged decode kernel (the prefix part
-      with all of a group's query rows as the kernel's rows: a matrix product per page); else
-      gathered pages and kvcache.attention.cache_attention (the prefill kernel on GPU).
+    kernel: with T == 1, pallas_kernels' listed paged kernel: one program per (group, KV head,
+      split) runs all of the group's query rows over its prefix pages (a matrix product per
+      page) and on over each member's own pages (that member's rows only) in one running
+      softmax; rows in no group through the paged kernel. Else the prefix part (all of a
+      group's rows at once) and each row's own part by gathered pages and
+      kvcache.attention.cache_attention (the prefill kernel on GPU), merged by log-sum-exp.
   Returns:
     (out [B, T, K, G, E] in q's dtype, lse [B, T, K, G] float32): equal to attention over each
     row's whole table.
   """
-  from pallas_kernels.decode import paged_decode_attention
   b, t, kh, g, e = q.shape
   s, w = k_pages.shape[2], tables.shape[1]
-  dtype, q = q.dtype, q.astype(jnp.float32)  # float32 queries: float32 partials, rounded once
   gr, mm = groups.members.shape
-  decode = kernel and t == 1
+  if kernel and t == 1:
+    from pallas_kernels.decode import listed_paged_decode_attention, paged_decode_attention
+    pages, owners, starts, n_live, member_pos = group_page_lists(tables, positions[:, 0], groups,
+                                                                 s)
+    rows = q[jnp.minimum(groups.members, b - 1), 0]  # [Gr, M, K, G, E]
+    rows = rows.transpose(0, 2, 1, 3, 4).reshape(gr, kh, mm * g, e)
+    o, lse = listed_paged_decode_attention(rows, k_pages, v_pages, pages, owners, starts, n_live,
+                                           jnp.repeat(member_pos, g, axis=1), rows_per_owner=g)
+    o = o.reshape(gr, kh, mm, g, e).transpose(0, 2, 1, 3, 4).reshape(gr * mm, kh, g, e)
+    lse = lse.reshape(gr, kh, mm, g).transpose(0, 2, 1, 3).reshape(gr * mm, kh, g)
+    idx = jnp.maximum(groups.slot, 0)
+    o, lse = o[idx], lse[idx]
+    if not groups.complete:  # rows in no group: their own tables (grouped rows read nothing)
+      alone = groups.slot < 0
+      o_a, lse_a = paged_decode_attention(q[:, 0], k_pages, v_pages, tables,
+                                          jnp.where(alone, positions[:, 0], -1))
+      o = jnp.where(alone[:, None, None, None], o_a, o)
+      lse = jnp.where(alone[:, None, None], lse_a, lse)
+    return o[:, None], lse[:, None]
+  dtype, q = q.dtype, q.astype(jnp.float32)  # float32 queries: float32 partials, rounded once
   # The prefix part: the M * T * G query rows of a group against its prefix, once.
   rows = q[jnp.minimum(groups.members, b - 1)]  # [Gr, M, T, K, G, E]
   rows = rows.transpose(0, 3, 1, 2, 4, 5).reshape(gr, kh, mm * t * g, e)
-  if decode:
-    o_p, lse_p = paged_decode_attention(rows, k_pages, v_pages, groups.tables, groups.length - 1)
-  else:
-    n_p = groups.tables.shape[1] * s
-    ppos = jnp.arange(n_p, dtype=jnp.int32)
-    ppos = jnp.where(ppos[None] < groups.length[:, None], ppos[None], -1)
-    o_p, lse_p = cache_attention(rows[:, :, None], _page_view(k_pages, groups.tables),
-                                 _page_view(v_pages, groups.tables),
-                                 jnp.broadcast_to(ppos[:, None], (gr, kh, n_p)),
-                                 jnp.broadcast_to(groups.length[:, None], (gr, mm * t * g)))
-    o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
+  n_p = groups.tables.shape[1] * s
+  ppos = jnp.arange(n_p, dtype=jnp.int32)
+  ppos = jnp.where(ppos[None] < groups.length[:, None], ppos[None], -1)
+  o_p, lse_p = cache_attention(rows[:, :, None], _page_view(k_pages, groups.tables),
+                               _page_view(v_pages, groups.tables),
+                               jnp.broadcast_to(ppos[:, None], (gr, kh, n_p)),
+                               jnp.broadcast_to(groups.length[:, None], (gr, mm * t * g)))
+  o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
   # Back to the rows: row b's prefix part is its group's row slot[b] (none: lse -inf).
   o_p = o_p.reshape(gr, kh, mm, t, g, e).transpose(0, 2, 3, 1, 4, 5).reshape(gr * mm, t, kh, g, e)
   lse_p = lse_p.reshape(gr, kh, mm, t, g).transpose(0, 2, 3, 1, 4).reshape(gr * mm, t, kh, g)
@@ -137,14 +192,10 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   first = groups.shift // s
   own = jnp.take_along_axis(tables, jnp.minimum(first[:, None] + jnp.arange(w)[None], w - 1), 1)
   rel = positions - groups.shift[:, None]
-  if decode:
-    o_s, lse_s = paged_decode_attention(q[:, 0], k_pages, v_pages, own, rel[:, 0])
-    o_s, lse_s = o_s[:, None], lse_s[:, None]
-  else:
-    pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
-    o_s, lse_s = cache_attention(q.transpose(0, 2, 3, 1, 4), _page_view(k_pages, own),
-                                 _page_view(v_pages, own), pos, rel)
-    o_s, lse_s = o_s.transpose(0, 3, 1, 2, 4), lse_s.transpose(0, 3, 1, 2)
+  pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
+  o_s, lse_s = cache_attention(q.transpose(0, 2, 3, 1, 4), _page_view(k_pages, own),
+                               _page_view(v_pages, own), pos, rel)
+  o_s, lse_s = o_s.transpose(0, 3, 1, 2, 4), lse_s.transpose(0, 3, 1, 2)
   out, lse = merge_attention(out_p, lse_pb, o_s, lse_s)
   return out.astype(dtype), lse
 

@@ -71,51 +71,22 @@ def _load_rows(ref, start, bs: int, live):
   return _pltriton.load(rows, mask=mask, other=jnp.zeros((), ref.dtype))
 
 
-def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: int,
-                   per_split: int, n_blocks: int, qk_scale: float, has_mask: bool,
-                   paged: bool = False):
-  """One (sequence, KV head, split): partial attention of its Gp query rows over slot blocks
-  [p * per_split, min((p + 1) * per_split, n)).
+def _online_step(carry, q, k, v, valid, qk_scale: float):
+  """One block of the running softmax: carry (acc [Gp, E], m [Gp], l [Gp]) float32, base 2;
+  q [Gp, E], k / v [bs, E], valid [Gp, bs]."""
+  acc, m_prev, l_prev = carry
+  s = jnp.where(valid, _dot(q, k, trans_b=True) * qk_scale, MASK_VALUE)  # [Gp, bs]
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m_prev - m_next)
+  p = jnp.where(valid, jnp.exp2(s - m_next[:, None]), 0.0)
+  acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+  return acc, m_next, alpha * l_prev + jnp.sum(p, axis=1)
 
-  q_pos_ref [1] int32, pos_ref [N] int32 (paged: the page table [W] int32: logical block j is
-  physical page pos_ref[j], its slots hold positions j * bs .. j * bs + bs - 1), q_ref [Gp, E]
-  (cache dtype), k_ref / v_ref [N, E] (paged: [num_pages * bs, E]), mask_ref [Gp, N] int8 (if
-  has_mask), o_ref [Gp, E] float32, lse_ref [Gp] float32 (natural).
-  """
-  mask_ref, o_ref, lse_ref = refs if has_mask else (None, *refs)
-  bs = block_size
-  q_pos = q_pos_ref[0]
-  q = q_ref[...]  # [Gp, E]
-  rows = q.shape[0]
-  first = pl.program_id(2) * per_split
-  last = jnp.minimum(first + per_split, n_blocks)
-  if paged:  # blocks past the query's own are never read
-    last = jnp.minimum(last, q_pos // bs + 1)
 
-  def body(j, carry):
-    acc, m_prev, l_prev = carry  # [Gp, E], [Gp], [Gp]
-    if paged:
-      start = pl.multiple_of(pos_ref[j] * bs, bs)
-      pos = j * bs + lax.broadcasted_iota(jnp.int32, (bs,), 0)
-    else:
-      start = pl.multiple_of(j * bs, bs)
-      pos = pos_ref[pl.ds(start, bs)]  # [bs]
-    live = (pos >= 0) & (pos <= q_pos)  # [bs]: slot holds a token at or before the query
-    if mask_ref is None:
-      valid = jnp.broadcast_to(live[None, :], (rows, bs))
-    else:
-      allowed = mask_ref[:, pl.ds(j * bs, bs)].astype(jnp.int32)  # [Gp, bs]
-      valid = live[None, :] & (allowed != 0)
-      live = live & (jnp.max(allowed, axis=0) != 0)  # some head of the group may attend it
-    k = _load_rows(k_ref, start, bs, live)  # [bs, E]
-    s = jnp.where(valid, _dot(q, k, trans_b=True) * qk_scale, MASK_VALUE)  # [Gp, bs], base 2
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.where(valid, jnp.exp2(s - m_next[:, None]), 0.0)
-    v = _load_rows(v_ref, start, bs, live)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
-    return acc, m_next, alpha * l_prev + jnp.sum(p, axis=1)
-
+def _run_blocks(first, last, body, o_ref, lse_ref):
+  """Runs body over blocks [first, last) from an empty state; writes the normalised partial
+  output and its natural log-sum-exp (-inf where nothing was valid)."""
+  rows = o_ref.shape[0]
   init = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
   acc, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, init)
@@ -124,57 +95,211 @@ def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: i
   lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "num_splits", "sm_scale",
-                                             "num_warps", "num_stages", "interpret", "debug"))
-def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_warps,
-            num_stages, interpret, debug, tables=None):
-  """Pads the query rows (and mask) to Gp, runs the kernel and merges the splits. With tables
-  [B, W] (paged), k / v are [K, num_pages * bs, E] and pos is unused."""
-  B, K, G, E = q.shape
-  paged = tables is not None
-  N = k.shape[1] if paged else k.shape[2]
-  Gp = max(MIN_ROWS, pl.next_power_of_2(G))
-  n_blocks = tables.shape[1] if paged else N // block_size
-  per_split = -(-n_blocks // num_splits)
-  qp = jnp.pad(q.astype(k.dtype), ((0, 0), (0, 0), (0, Gp - G), (0, 0)))  # [B, K, Gp, E]
-  if paged:
-    index = (tables.astype(jnp.int32), pl.BlockSpec((None, n_blocks), lambda b, h, p: (b, 0)))
-    kv_spec = pl.BlockSpec((None, N, E), lambda b, h, p: (h, 0, 0))
+def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: int,
+                   per_split: int, n_blocks: int, qk_scale: float, has_mask: bool):
+  """One (sequence, KV head, split): partial attention of its Gp query rows over slot blocks
+  [p * per_split, min((p + 1) * per_split, n)).
+
+  q_pos_ref [1] int32, pos_ref [N] int32, q_ref [Gp, E] (cache dtype), k_ref / v_ref [N, E],
+  mask_ref [Gp, N] int8 (if has_mask), o_ref [Gp, E] float32, lse_ref [Gp] float32 (natural).
+  """
+  mask_ref, o_ref, lse_ref = refs if has_mask else (None, *refs)
+  bs = block_size
+  q_pos = q_pos_ref[0]
+  q = q_ref[...]  # [Gp, E]
+  rows = q.shape[0]
+  first = pl.program_id(2) * per_split
+  last = jnp.minimum(first + per_split, n_blocks)
+
+  def body(j, carry):
+    start = pl.multiple_of(j * bs, bs)
+    pos = pos_ref[pl.ds(start, bs)]  # [bs]
+    live = (pos >= 0) & (pos <= q_pos)  # [bs]: slot holds a token at or before the query
+    if mask_ref is None:
+      valid = jnp.broadcast_to(live[None, :], (rows, bs))
+    else:
+      allowed = mask_ref[:, pl.ds(j * bs, bs)].astype(jnp.int32)  # [Gp, bs]
+      valid = live[None, :] & (allowed != 0)
+      live = live & (jnp.max(allowed, axis=0) != 0)  # some head of the group may attend it
+    k = _load_rows(k_ref, start, bs, live)  # [bs, E]
+    v = _load_rows(v_ref, start, bs, live)
+    return _online_step(carry, q, k, v, valid, qk_scale)
+
+  _run_blocks(first, last, body, o_ref, lse_ref)
+
+
+def _gather_rows(ref, rows, live, interpret: bool):
+  """ref[rows, :] for rows [bs] (any order), the rows where live is False not read (zeros)."""
+  if interpret or _pltriton is None:  # the interpreter has no masked gather: clamped, selected
+    return jnp.where(live[:, None], ref[jnp.where(live, rows, 0), :], 0).astype(ref.dtype)
+  mask = jnp.broadcast_to(live[:, None], (rows.shape[0], ref.shape[-1]))
+  return _pltriton.load(ref.at[rows, :], mask=mask, other=jnp.zeros((), ref.dtype))
+
+
+def _paged_kernel(*refs, page_size: int, pages_per_block: int, n_entries: int, num_splits: int,
+                  qk_scale: float, listed: bool, rows_per_owner: int, interpret: bool):
+  """One (list, KV head, split): partial attention of Gp query rows over the pages of a list.
+
+  Plain (listed=False), a sequence's page table: refs q_pos [1], table [W], q [Gp, E], k / v
+  [num_pages * S, E], o [Gp, E] float32, lse [Gp]; entry i holds positions i * S .. i * S + S-1
+  and entries past q_pos's page are not visited. Listed: refs n_live [1], q_pos [Gp], table [L],
+  owner [L], start [L], q, k, v, o, lse; entry i (< n_live) holds positions start[i] .. + S - 1
+  (start < 0: nothing) and is seen by the rows r with owner[i] < 0 or owner[i] == r //
+  rows_per_owner whose q_pos[r] >= the token's position. Each iteration reads pages_per_block
+  entries (gathered rows when > 1): the tile a small page size would otherwise cut short.
+  """
+  if listed:
+    n_live_ref, q_pos_ref, table_ref, owner_ref, start_ref, q_ref, k_ref, v_ref, o_ref, \
+        lse_ref = refs
   else:
-    index = (pos.astype(jnp.int32), pl.BlockSpec((None, None, N), lambda b, h, p: (b, h, 0)))
-    kv_spec = pl.BlockSpec((None, None, N, E), lambda b, h, p: (b, h, 0, 0))
-  args = [q_pos.astype(jnp.int32)[:, None], index[0], qp, k, v]
-  in_specs = [pl.BlockSpec((None, 1), lambda b, h, p: (b, 0)), index[1],
-              pl.BlockSpec((None, None, Gp, E), lambda b, h, p: (b, h, 0, 0)), kv_spec, kv_spec]
-  if mask is not None:
-    args.append(jnp.pad(mask.astype(jnp.int8), ((0, 0), (0, 0), (0, Gp - G), (0, 0))))
-    in_specs.append(pl.BlockSpec((None, None, Gp, mask.shape[-1]),
-                                 lambda b, h, p: (b, h, 0, 0)))
-  params = None
-  if _pltriton is not None:
-    params = _pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  o, lse = pl.pallas_call(
-      functools.partial(_decode_kernel, block_size=block_size, per_split=per_split,
-                        n_blocks=n_blocks, qk_scale=sm_scale * LOG2E, has_mask=mask is not None,
-                        paged=paged),
-      grid=(B, K, num_splits),
-      in_specs=in_specs,
-      out_specs=[
-          pl.BlockSpec((None, None, None, Gp, E), lambda b, h, p: (b, h, p, 0, 0)),
-          pl.BlockSpec((None, None, None, Gp), lambda b, h, p: (b, h, p, 0)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, Gp, E), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, num_splits, Gp), jnp.float32)],
-      compiler_params=params,
-      interpret=interpret,
-      debug=debug,
-      name="paged_decode_attention" if paged else "cache_decode_attention",
-  )(*args)
-  if num_splits == 1:
+    q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+  s, ppb = page_size, pages_per_block
+  bs = s * ppb
+  q = q_ref[...]  # [Gp, E]
+  rows = q.shape[0]
+  if listed:
+    q_pos = q_pos_ref[...]  # [Gp]
+    n_live = jnp.minimum(n_live_ref[0], n_entries)
+    owner_of_row = lax.broadcasted_iota(jnp.int32, (rows,), 0) // rows_per_owner
+  else:
+    q_pos = q_pos_ref[0]
+    n_live = jnp.minimum(q_pos // s + 1, n_entries)  # pages up to the query's own
+  n_iter = (n_live + ppb - 1) // ppb
+  per_split = (n_iter + num_splits - 1) // num_splits
+  first = pl.program_id(2) * per_split
+  last = jnp.minimum(first + per_split, n_iter)
+  iota = lax.broadcasted_iota(jnp.int32, (bs,), 0)
+
+  def body(j, carry):
+    if ppb == 1:  # one page: contiguous rows
+      entry = j
+      page, inside = table_ref[j], True
+    else:
+      entry = j * ppb + iota // s  # [bs] the list entry of each token
+      inside = entry < n_live
+      entry = jnp.minimum(entry, n_entries - 1)
+      page = table_ref[entry]  # [bs] gathered
+    base = start_ref[entry] if listed else entry * s
+    tok = base + iota % s if ppb > 1 else base + iota  # [bs] token positions
+    live = inside & (tok >= 0) & (base >= 0)
+    if listed:
+      own = owner_ref[entry]
+      sees = (own < 0) | (own == owner_of_row[:, None]) if ppb > 1 else (
+          (own < 0) | (own == owner_of_row))[:, None]
+      valid = live[None, :] & sees & (tok[None, :] <= q_pos[:, None])  # [Gp, bs]
+      live = jnp.max(valid.astype(jnp.int32), axis=0) != 0  # some row sees the token
+    else:
+      live = live & (tok <= q_pos)
+      valid = jnp.broadcast_to(live[None, :], (rows, bs))
+    if ppb == 1:
+      start = pl.multiple_of(page * s, s)
+      k, v = (_load_rows(r, start, s, live) for r in (k_ref, v_ref))
+    else:
+      idx = page * s + iota % s
+      k, v = (_gather_rows(r, idx, live, interpret) for r in (k_ref, v_ref))
+    return _online_step(carry, q, k, v, valid, qk_scale)
+
+  _run_blocks(first, last, body, o_ref, lse_ref)
+
+
+def _pad_rows(q, dtype):
+  """[B, K, G, E] -> [B, K, Gp, E] in dtype, G padded with zero rows to Gp (Triton dots need
+  M >= 16; a power of two)."""
+  g = q.shape[2]
+  gp = max(MIN_ROWS, pl.next_power_of_2(g))
+  return jnp.pad(q.astype(dtype), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+
+
+def _merged(o, lse, g: int, dtype):
+  """The num_splits partials [B, K, P, Gp, E] / [B, K, P, Gp] merged; the G real rows."""
+  if o.shape[2] == 1:
     o, lse = o[:, :, 0], lse[:, :, 0]
   else:
     o, lse = merge_partials(o, lse, axis=2)  # [B, K, Gp, E], [B, K, Gp]
-  return o[:, :, :G].astype(q.dtype), lse[:, :, :G]
+  return o[:, :, :g].astype(dtype), lse[:, :, :g]
+
+
+def _params(num_warps: int, num_stages: int):
+  if _pltriton is None:
+    return None
+  return _pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _out_specs(B: int, K: int, P: int, Gp: int, E: int):
+  specs = [pl.BlockSpec((None, None, None, Gp, E), lambda b, h, p: (b, h, p, 0, 0)),
+           pl.BlockSpec((None, None, None, Gp), lambda b, h, p: (b, h, p, 0))]
+  shapes = [jax.ShapeDtypeStruct((B, K, P, Gp, E), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, P, Gp), jnp.float32)]
+  return specs, shapes
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "num_splits", "sm_scale",
+                                             "num_warps", "num_stages", "interpret", "debug"))
+def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_warps,
+            num_stages, interpret, debug):
+  """Pads the query rows (and mask) to Gp, runs the slot kernel and merges the splits."""
+  B, K, G, E = q.shape
+  N = k.shape[2]
+  qp = _pad_rows(q, k.dtype)  # [B, K, Gp, E]
+  Gp = qp.shape[2]
+  n_blocks = N // block_size
+  args = [q_pos.astype(jnp.int32)[:, None], pos.astype(jnp.int32), qp, k, v]
+  kv_spec = pl.BlockSpec((None, None, N, E), lambda b, h, p: (b, h, 0, 0))
+  in_specs = [pl.BlockSpec((None, 1), lambda b, h, p: (b, 0)),
+              pl.BlockSpec((None, None, N), lambda b, h, p: (b, h, 0)),
+              pl.BlockSpec((None, None, Gp, E), lambda b, h, p: (b, h, 0, 0)), kv_spec, kv_spec]
+  if mask is not None:
+    args.append(jnp.pad(mask.astype(jnp.int8), ((0, 0), (0, 0), (0, Gp - G), (0, 0))))
+    in_specs.append(pl.BlockSpec((None, None, Gp, N), lambda b, h, p: (b, h, 0, 0)))
+  out_specs, out_shape = _out_specs(B, K, num_splits, Gp, E)
+  o, lse = pl.pallas_call(
+      functools.partial(_decode_kernel, block_size=block_size,
+                        per_split=-(-n_blocks // num_splits), n_blocks=n_blocks,
+                        qk_scale=sm_scale * LOG2E, has_mask=mask is not None),
+      grid=(B, K, num_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(num_warps, num_stages), interpret=interpret, debug=debug,
+      name="cache_decode_attention",
+  )(*args)
+  return _merged(o, lse, G, q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("pages_per_block", "num_splits", "sm_scale",
+                                             "rows_per_owner", "out_dtype", "num_warps",
+                                             "num_stages", "interpret", "debug"))
+def _paged(q, k_pages, v_pages, tables, q_pos, owners=None, starts=None, n_live=None, *,
+           pages_per_block, num_splits, sm_scale, rows_per_owner, out_dtype, num_warps,
+           num_stages, interpret, debug):
+  """The paged kernel over tables [B, W] (plain: q_pos [B]) or lists (owners, starts [B, W],
+  n_live [B], q_pos [B, G]); pages [K, P, S, E] read in place, splits merged."""
+  B, K, G, E = q.shape
+  kh, p, s, _ = k_pages.shape
+  listed = owners is not None
+  W = tables.shape[1]
+  qp = _pad_rows(q, k_pages.dtype)
+  Gp = qp.shape[2]
+  k, v = k_pages.reshape(kh, p * s, E), v_pages.reshape(kh, p * s, E)
+  kv_spec = pl.BlockSpec((None, p * s, E), lambda b, h, i: (h, 0, 0))
+  row = lambda n: pl.BlockSpec((None, n), lambda b, h, i: (b, 0))  # noqa: E731
+  q_spec = pl.BlockSpec((None, None, Gp, E), lambda b, h, i: (b, h, 0, 0))
+  if listed:
+    q_pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, Gp - G)), constant_values=-1)
+    args = [n_live.astype(jnp.int32)[:, None], q_pos, tables.astype(jnp.int32),
+            owners.astype(jnp.int32), starts.astype(jnp.int32)]
+    in_specs = [row(1), row(Gp), row(W), row(W), row(W)]
+  else:
+    args = [q_pos.astype(jnp.int32)[:, None], tables.astype(jnp.int32)]
+    in_specs = [row(1), row(W)]
+  out_specs, out_shape = _out_specs(B, K, num_splits, Gp, E)
+  o, lse = pl.pallas_call(
+      functools.partial(_paged_kernel, page_size=s, pages_per_block=pages_per_block,
+                        n_entries=W, num_splits=num_splits, qk_scale=sm_scale * LOG2E,
+                        listed=listed, rows_per_owner=rows_per_owner, interpret=interpret),
+      grid=(B, K, num_splits), in_specs=in_specs + [q_spec, kv_spec, kv_spec],
+      out_specs=out_specs, out_shape=out_shape, compiler_params=_params(num_warps, num_stages),
+      interpret=interpret, debug=debug,
+      name="listed_paged_decode_attention" if listed else "paged_decode_attention",
+  )(*args, qp, k, v)
+  return _merged(o, lse, G, out_dtype or q.dtype)
 
 
 def check_cache_slots(q, k, v, pos) -> int:
@@ -290,9 +415,48 @@ def cache_decode_attention_reference(q, k, v, pos, q_pos, mask=None, *,
   return o.astype(q.dtype), lse
 
 
+def default_pages_per_block(page_size: int, head_dim: int, itemsize: int = 2) -> int:
+  """Pages each paged-kernel iteration reads: a tile of up to 64 tokens (within MAX_TILE_BYTES),
+  so small pages do not cut the kernel's blocks short; 1 for pages of >= 64 tokens."""
+  rows = min(64, MAX_TILE_BYTES // (head_dim * itemsize))
+  return max(1, rows // page_size)
+
+
+def _check_pages(q, k_pages, v_pages, tables, what: str):
+  """ValueError unless q [B, K, G, E], pages [K, P, S, E] alike (S a power of two >= 16, E a
+  power of two >= 16) and tables int [B, W]; returns (B, K, S, E, W)."""
+  if getattr(k_pages, "ndim", None) != 4 or k_pages.shape != v_pages.shape:
+    raise ValueError(f"k_pages and v_pages must be [K, P, S, E] alike, got "
+                     f"{getattr(k_pages, 'shape', None)} and {getattr(v_pages, 'shape', None)}")
+  K, P, S, E = k_pages.shape
+  if getattr(q, "ndim", None) != 4 or q.shape[1] != K or q.shape[3] != E:
+    raise ValueError(f"q must be [B, K={K}, G, E={E}], got {getattr(q, 'shape', None)}")
+  B = q.shape[0]
+  if getattr(tables, "ndim", None) != 2 or tables.shape[0] != B or not jnp.issubdtype(
+      tables.dtype, jnp.integer):
+    raise ValueError(f"{what} must be an int [B={B}, W] array, got "
+                     f"{getattr(tables, 'shape', None)}")
+  S = layouts.check_block_size(S, "page size")
+  if E < 16 or not layouts.is_power_of_two(E):
+    raise ValueError(f"head_dim E={E} must be a power of two >= 16 for the kernel")
+  return B, K, S, E, tables.shape[1]
+
+
+def _launch(pages_per_block, num_splits, B, K, S, E, W, itemsize):
+  """Resolved (pages_per_block, num_splits) of the paged kernels."""
+  ppb = default_pages_per_block(S, E, itemsize) if pages_per_block is None else int(
+      pages_per_block)
+  if ppb < 1:
+    raise ValueError(f"pages_per_block must be >= 1, got {pages_per_block!r}")
+  n_iter = -(-W // ppb)
+  if num_splits is None:
+    num_splits = _default_splits(B, K, n_iter)
+  return ppb, max(1, min(int(num_splits), n_iter))
+
+
 def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: float | None = None,
-                           num_splits: int | None = None, num_warps: int = 4,
-                           num_stages: int = 2, interpret: bool | None = None,
+                           pages_per_block: int | None = None, num_splits: int | None = None,
+                           num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
                            debug: bool = False):
   """Decode attention read through page tables (logical block != physical page).
 
@@ -303,32 +467,59 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
       (tables[b, t // S], t % S) and its position is t. Entries past a sequence's last block are
       never read.
     q_pos: int [B] the query's position: tokens 0 .. q_pos[b] are attended.
+    pages_per_block: pages read per kernel iteration (default default_pages_per_block: tiles of
+      64 tokens).
   Returns:
     (o [B, K, G, E] in q's dtype, lse [B, K, G] float32), as cache_decode_attention.
   """
-  if getattr(k_pages, "ndim", None) != 4 or k_pages.shape != v_pages.shape:
-    raise ValueError(f"k_pages and v_pages must be [K, P, S, E] alike, got "
-                     f"{getattr(k_pages, 'shape', None)} and {getattr(v_pages, 'shape', None)}")
-  K, P, S, E = k_pages.shape
-  if getattr(q, "ndim", None) != 4 or q.shape[1] != K or q.shape[3] != E:
-    raise ValueError(f"q must be [B, K={K}, G, E={E}], got {getattr(q, 'shape', None)}")
-  B = q.shape[0]
-  if getattr(tables, "ndim", None) != 2 or tables.shape[0] != B or not jnp.issubdtype(
-      tables.dtype, jnp.integer):
-    raise ValueError(f"tables must be an int [B={B}, W] array, got "
-                     f"{getattr(tables, 'shape', None)}")
+  B, K, S, E, W = _check_pages(q, k_pages, v_pages, tables, "tables")
   if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
     raise ValueError(f"q_pos must be an int [B={B}] array, got {getattr(q_pos, 'shape', None)}")
-  S = layouts.check_block_size(S, "page size")
-  if E < 16 or not layouts.is_power_of_two(E):
-    raise ValueError(f"head_dim E={E} must be a power of two >= 16 for the kernel")
-  W = tables.shape[1]
-  if num_splits is None:
-    num_splits = _default_splits(B, K, W)
-  num_splits = max(1, min(int(num_splits), W))
-  return _decode(q, k_pages.reshape(K, P * S, E), v_pages.reshape(K, P * S, E), None, q_pos,
-                 None, block_size=S, num_splits=num_splits,
-                 sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
-                 num_warps=num_warps, num_stages=num_stages,
-                 interpret=default_interpret() if interpret is None else bool(interpret),
-                 debug=debug, tables=tables)
+  ppb, num_splits = _launch(pages_per_block, num_splits, B, K, S, E, W, k_pages.dtype.itemsize)
+  return _paged(q, k_pages, v_pages, tables, q_pos, pages_per_block=ppb, num_splits=num_splits,
+                sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
+                rows_per_owner=1, out_dtype=None, num_warps=num_warps, num_stages=num_stages,
+                interpret=default_interpret() if interpret is None else bool(interpret),
+                debug=debug)
+
+
+def listed_paged_decode_attention(q, k_pages, v_pages, pages, owners, starts, n_live, q_pos, *,
+                                  rows_per_owner: int, sm_scale: float | None = None,
+                                  pages_per_block: int | None = None,
+                                  num_splits: int | None = None, out_dtype=None,
+                                  num_warps: int = 4, num_stages: int = 2,
+                                  interpret: bool | None = None, debug: bool = False):
+  """Attention of C lists of query rows, each over a list of pages shared by some of its rows.
+
+  The kernel under shared-prefix decoding (Hydragen / BatchLLM): one list per prefix group, its
+  rows the group's members' queries, its entries the prefix pages (seen by every row: one
+  matrix product per page for the whole group) followed by each member's own pages (seen by
+  that member's rows only), one running softmax per row across both, so no merge is needed.
+
+  Args:
+    q: [C, K, R, E] the rows of each list, grouped by KV head.
+    k_pages, v_pages: [K, P, S, E] the pool.
+    pages: int [C, L] the entries' pages; starts: int [C, L] the position of each entry's first
+      token (its tokens: starts .. starts + S - 1; < 0: an empty entry); owners: int [C, L]
+      which rows see an entry: all (< 0) or those r with r // rows_per_owner == owners.
+    n_live: int [C] entries in use (those past it are not read; put the live ones first).
+    q_pos: int [C, R] each row's position: it sees the tokens at or before it.
+  Returns:
+    (o [C, K, R, E] in out_dtype (default q's), lse [C, K, R] float32).
+  """
+  C, K, S, E, L = _check_pages(q, k_pages, v_pages, pages, "pages")
+  for name, x, shape in (("owners", owners, (C, L)), ("starts", starts, (C, L)),
+                         ("n_live", n_live, (C,)), ("q_pos", q_pos, (C, q.shape[2]))):
+    if getattr(x, "shape", None) != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an int {list(shape)} array, got "
+                       f"{getattr(x, 'shape', None)}")
+  if rows_per_owner < 1:
+    raise ValueError(f"rows_per_owner must be >= 1, got {rows_per_owner}")
+  ppb, num_splits = _launch(pages_per_block, num_splits, C, K, S, E, L, k_pages.dtype.itemsize)
+  return _paged(q, k_pages, v_pages, pages, q_pos, owners, starts, n_live, pages_per_block=ppb,
+                num_splits=num_splits,
+                sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
+                rows_per_owner=int(rows_per_owner), out_dtype=out_dtype, num_warps=num_warps,
+                num_stages=num_stages,
+                interpret=default_interpret() if interpret is None else bool(interpret),
+                debug=debug)

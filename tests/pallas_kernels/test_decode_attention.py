@@ -7,6 +7,7 @@ import pytest
 from pallas_kernels import (
     cache_decode_attention,
     cache_decode_attention_reference,
+    listed_paged_decode_attention,
     paged_decode_attention,
     pick_block_size,
     supports,
@@ -177,10 +178,11 @@ def test_decode_compiled_gpu(dtype, with_mask, seed):
   assert np.allclose(np.asarray(lse), np.asarray(rlse), atol=1e-3)
 
 
-@pytest.mark.parametrize("G", [1, 4, 8])
-def test_paged_decode_matches_numpy(G, seed, compiled):
+@pytest.mark.parametrize("G,ppb", [(1, 1), (4, 2), (8, 1), (3, 4)])
+def test_paged_decode_matches_numpy(G, ppb, seed, compiled):
   """Pages in a random order of the pool, each sequence its own table; the kernel reads the
-  pages through the table against a float64 loop over the tokens in logical order."""
+  pages through the table (ppb pages per iteration: gathered rows when > 1) against a float64
+  loop over the tokens in logical order."""
   rng = np.random.default_rng(seed)
   B, K, S, E, P, W = 3, 2, 16, 16, 12, 4
   kp = rng.standard_normal((K, P, S, E)).astype(np.float32)
@@ -188,8 +190,8 @@ def test_paged_decode_matches_numpy(G, seed, compiled):
   tables = np.stack([rng.permutation(P)[:W] for _ in range(B)]).astype(np.int32)
   q_pos = np.array([0, 37, W * S - 1], np.int32)  # one token, mid-page, every page full
   q = rng.standard_normal((B, K, G, E)).astype(np.float32)
-  o, lse = compiled(lambda *a: paged_decode_attention(*a, num_splits=2), q, kp, vp, tables,
-                    q_pos)
+  o, lse = compiled(lambda *a: paged_decode_attention(*a, num_splits=2, pages_per_block=ppb),
+                    q, kp, vp, tables, q_pos)
   for b in range(B):
     n = q_pos[b] + 1
     rows = [tables[b, t // S] for t in range(n)]
@@ -201,6 +203,45 @@ def test_paged_decode_matches_numpy(G, seed, compiled):
     want = np.einsum("kgn,kne->kge", w / w.sum(-1, keepdims=True), v)
     np.testing.assert_allclose(np.asarray(o[b]), want, atol=2e-5)
     np.testing.assert_allclose(np.asarray(lse[b]), (m[..., 0] + np.log(w.sum(-1))), atol=2e-5)
+
+
+@pytest.mark.parametrize("ppb", [1, 2])
+def test_listed_paged_decode_matches_numpy(ppb, seed, compiled):
+  """Lists of pages shared by all of a list's rows (owner -1) or by one member's rows, in any
+  order, an empty entry, entries past n_live and rows that see nothing: against float64."""
+  rng = np.random.default_rng(seed)
+  C, K, G, M, S, E, P, L = 3, 2, 3, 3, 16, 16, 20, 7
+  R = M * G
+  kp, vp = (rng.standard_normal((K, P, S, E)).astype(np.float32) for _ in range(2))
+  pages = rng.integers(0, P, (C, L)).astype(np.int32)
+  owners = rng.integers(-1, M, (C, L)).astype(np.int32)
+  starts = (rng.permutation(L * C).reshape(C, L) * S).astype(np.int32)
+  starts[0, 1] = -1  # an empty entry
+  n_live = np.array([L, 4, 0], np.int32)  # all, a prefix of the list, none
+  q_pos = rng.integers(0, L * C * S, (C, R)).astype(np.int32)
+  q_pos[1, :G] = -1  # member 0 of list 1 sees nothing
+  q = rng.standard_normal((C, K, R, E)).astype(np.float32)
+  o, lse = compiled(lambda *a: listed_paged_decode_attention(
+      *a, rows_per_owner=G, pages_per_block=ppb, num_splits=2), q, kp, vp, pages, owners,
+      starts, n_live, q_pos)
+  for c, r in np.ndindex(C, R):
+    ks, vs = [], []
+    for i in range(n_live[c]):
+      if starts[c, i] >= 0 and owners[c, i] in (-1, r // G):
+        seen = starts[c, i] + np.arange(S) <= q_pos[c, r]
+        ks.append(kp[:, pages[c, i]][:, seen])
+        vs.append(vp[:, pages[c, i]][:, seen])
+    k = np.concatenate(ks, 1) if ks else np.zeros((K, 0, E))
+    if k.shape[1] == 0:
+      assert np.all(np.asarray(lse[c, :, r]) == -np.inf) and np.all(np.asarray(o[c, :, r]) == 0)
+      continue
+    v = np.concatenate(vs, 1)
+    s = np.einsum("ke,kne->kn", q[c, :, r].astype(np.float64), k) / np.sqrt(E)
+    m = s.max(-1, keepdims=True)
+    w = np.exp(s - m)
+    np.testing.assert_allclose(np.asarray(o[c, :, r]), np.einsum(
+        "kn,kne->ke", w / w.sum(-1, keepdims=True), v), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(lse[c, :, r]), m[:, 0] + np.log(w.sum(-1)), atol=2e-5)
 
 
 def test_paged_decode_bad_input():
