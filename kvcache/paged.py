@@ -152,24 +152,24 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   s, w = k_pages.shape[2], tables.shape[1]
   gr, mm = groups.members.shape
   if kernel and t == 1:
-    from pallas_kernels.decode import listed_paged_decode_attention, paged_decode_attention
-    pages, owners, starts, n_live, member_pos = group_page_lists(tables, positions[:, 0], groups,
-                                                                 s)
+    from pallas_kernels.decode import paged_decode_attention
+    f32 = functools.partial(paged_decode_attention, out_dtype=jnp.float32)
+    # The prefix part: a group's M * G query rows as the kernel's rows (row tiles over each
+    # prefix page read once), all positions before the prefix's end visible.
     rows = q[jnp.minimum(groups.members, b - 1), 0]  # [Gr, M, K, G, E]
     rows = rows.transpose(0, 2, 1, 3, 4).reshape(gr, kh, mm * g, e)
-    o, lse = listed_paged_decode_attention(rows, k_pages, v_pages, pages, owners, starts, n_live,
-                                           jnp.repeat(member_pos, g, axis=1), rows_per_owner=g)
-    o = o.reshape(gr, kh, mm, g, e).transpose(0, 2, 1, 3, 4).reshape(gr * mm, kh, g, e)
-    lse = lse.reshape(gr, kh, mm, g).transpose(0, 2, 1, 3).reshape(gr * mm, kh, g)
+    o_p, lse_p = f32(rows, k_pages, v_pages, groups.tables, groups.length - 1)
+    o_p = o_p.reshape(gr, kh, mm, g, e).transpose(0, 2, 1, 3, 4).reshape(gr * mm, kh, g, e)
+    lse_p = lse_p.reshape(gr, kh, mm, g).transpose(0, 2, 1, 3).reshape(gr * mm, kh, g)
     idx = jnp.maximum(groups.slot, 0)
-    o, lse = o[idx], lse[idx]
-    if not groups.complete:  # rows in no group: their own tables (grouped rows read nothing)
-      alone = groups.slot < 0
-      o_a, lse_a = paged_decode_attention(q[:, 0], k_pages, v_pages, tables,
-                                          jnp.where(alone, positions[:, 0], -1))
-      o = jnp.where(alone[:, None, None, None], o_a, o)
-      lse = jnp.where(alone[:, None, None], lse_a, lse)
-    return o[:, None], lse[:, None]
+    lse_p = jnp.where((groups.slot >= 0)[:, None, None], lse_p[idx], -jnp.inf)
+    # The own part: each row's pages after its prefix, positions shifted alike.
+    first = groups.shift // s
+    own = jnp.take_along_axis(tables, jnp.minimum(first[:, None] + jnp.arange(w)[None], w - 1),
+                              1)
+    o_s, lse_s = f32(q[:, 0], k_pages, v_pages, own, positions[:, 0] - groups.shift)
+    out, lse = merge_attention(o_p[idx], lse_p, o_s, lse_s)
+    return out[:, None].astype(q.dtype), lse[:, None]
   dtype, q = q.dtype, q.astype(jnp.float32)  # float32 queries: float32 partials, rounded once
   # The prefix part: the M * T * G query rows of a group against its prefix, once.
   rows = q[jnp.minimum(groups.members, b - 1)]  # [Gr, M, T, K, G, E]

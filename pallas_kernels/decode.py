@@ -83,16 +83,20 @@ def _online_step(carry, q, k, v, valid, qk_scale: float):
   return acc, m_next, alpha * l_prev + jnp.sum(p, axis=1)
 
 
-def _run_blocks(first, last, body, o_ref, lse_ref):
-  """Runs body over blocks [first, last) from an empty state; writes the normalised partial
+def _run_blocks(first, last, body, o_ref, lse_ref, tiles: int = 1):
+  """Runs body over blocks [first, last) from an empty state per row tile (the carry: a tuple
+  of `tiles` states of o_ref.shape[0] // tiles rows); writes each tile's normalised partial
   output and its natural log-sum-exp (-inf where nothing was valid)."""
-  rows = o_ref.shape[0]
-  init = (jnp.zeros(o_ref.shape, jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
-  acc, m, l = lax.fori_loop(first, jnp.maximum(first, last), body, init)
-  empty = l == 0.0
-  o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
-  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
+  rows = o_ref.shape[0] // tiles
+  init = tuple((jnp.zeros((rows, o_ref.shape[1]), jnp.float32),
+                jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
+               for _ in range(tiles))
+  states = lax.fori_loop(first, jnp.maximum(first, last), body, init)
+  for i, (acc, m, l) in enumerate(states):
+    empty = l == 0.0
+    at = pl.ds(i * rows, rows)
+    o_ref[at, :] = acc / jnp.where(empty, 1.0, l)[:, None]
+    lse_ref[at] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
 
 
 def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: int,
@@ -123,7 +127,7 @@ def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: i
       live = live & (jnp.max(allowed, axis=0) != 0)  # some head of the group may attend it
     k = _load_rows(k_ref, start, bs, live)  # [bs, E]
     v = _load_rows(v_ref, start, bs, live)
-    return _online_step(carry, q, k, v, valid, qk_scale)
+    return (_online_step(carry[0], q, k, v, valid, qk_scale),)
 
   _run_blocks(first, last, body, o_ref, lse_ref)
 
@@ -146,7 +150,9 @@ def _paged_kernel(*refs, page_size: int, pages_per_block: int, n_entries: int, n
   owner [L], start [L], q, k, v, o, lse; entry i (< n_live) holds positions start[i] .. + S - 1
   (start < 0: nothing) and is seen by the rows r with owner[i] < 0 or owner[i] == r //
   rows_per_owner whose q_pos[r] >= the token's position. Each iteration reads pages_per_block
-  entries (gathered rows when > 1): the tile a small page size would otherwise cut short.
+  entries (gathered rows when > 1): the tile a small page size would otherwise cut short. The
+  rows (a multiple of MIN_ROWS) run as tiles of MIN_ROWS over each K / V tile read once: many
+  rows (a prefix group's queries) make independent small dots rather than one tall one.
   """
   if listed:
     n_live_ref, q_pos_ref, table_ref, owner_ref, start_ref, q_ref, k_ref, v_ref, o_ref, \
@@ -155,12 +161,14 @@ def _paged_kernel(*refs, page_size: int, pages_per_block: int, n_entries: int, n
     q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   s, ppb = page_size, pages_per_block
   bs = s * ppb
-  q = q_ref[...]  # [Gp, E]
-  rows = q.shape[0]
+  tr = MIN_ROWS
+  tiles = q_ref.shape[0] // tr
+  qs = [q_ref[pl.ds(i * tr, tr), :] for i in range(tiles)]  # [tr, E] each
   if listed:
-    q_pos = q_pos_ref[...]  # [Gp]
+    q_pos = [q_pos_ref[pl.ds(i * tr, tr)] for i in range(tiles)]  # [tr] each
     n_live = jnp.minimum(n_live_ref[0], n_entries)
-    owner_of_row = lax.broadcasted_iota(jnp.int32, (rows,), 0) // rows_per_owner
+    row_owner = [(i * tr + lax.broadcasted_iota(jnp.int32, (tr,), 0)) // rows_per_owner
+                 for i in range(tiles)]
   else:
     q_pos = q_pos_ref[0]
     n_live = jnp.minimum(q_pos // s + 1, n_entries)  # pages up to the query's own
@@ -184,22 +192,33 @@ def _paged_kernel(*refs, page_size: int, pages_per_block: int, n_entries: int, n
     live = inside & (tok >= 0) & (base >= 0)
     if listed:
       own = owner_ref[entry]
-      sees = (own < 0) | (own == owner_of_row[:, None]) if ppb > 1 else (
-          (own < 0) | (own == owner_of_row))[:, None]
-      valid = live[None, :] & sees & (tok[None, :] <= q_pos[:, None])  # [Gp, bs]
-      live = jnp.max(valid.astype(jnp.int32), axis=0) != 0  # some row sees the token
+      valid = []
+      for i in range(tiles):
+        sees = ((own < 0) | (own == row_owner[i][:, None]) if ppb > 1 else
+                ((own < 0) | (own == row_owner[i]))[:, None])
+        valid.append(live[None, :] & sees & (tok[None, :] <= q_pos[i][:, None]))  # [tr, bs]
+      seen = functools.reduce(jnp.maximum, [jnp.max(x.astype(jnp.int32), axis=0) for x in valid])
+      live = seen != 0  # some row sees the token
     else:
       live = live & (tok <= q_pos)
-      valid = jnp.broadcast_to(live[None, :], (rows, bs))
+      valid = [jnp.broadcast_to(live[None, :], (tr, bs))] * tiles
     if ppb == 1:
       start = pl.multiple_of(page * s, s)
       k, v = (_load_rows(r, start, s, live) for r in (k_ref, v_ref))
     else:
       idx = page * s + iota % s
       k, v = (_gather_rows(r, idx, live, interpret) for r in (k_ref, v_ref))
-    return _online_step(carry, q, k, v, valid, qk_scale)
+    return tuple(_online_step(c, qi, k, v, vi, qk_scale) for c, qi, vi in zip(carry, qs, valid))
 
-  _run_blocks(first, last, body, o_ref, lse_ref)
+  _run_blocks(first, last, body, o_ref, lse_ref, tiles)
+
+
+def _pad_tiles(q, dtype):
+  """[B, K, G, E] -> [B, K, Gp, E] in dtype, G padded with zero rows to a multiple of
+  MIN_ROWS (the paged kernels' row tiles)."""
+  g = q.shape[2]
+  gp = -(-g // MIN_ROWS) * MIN_ROWS
+  return jnp.pad(q.astype(dtype), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
 
 
 def _pad_rows(q, dtype):
@@ -275,7 +294,7 @@ def _paged(q, k_pages, v_pages, tables, q_pos, owners=None, starts=None, n_live=
   kh, p, s, _ = k_pages.shape
   listed = owners is not None
   W = tables.shape[1]
-  qp = _pad_rows(q, k_pages.dtype)
+  qp = _pad_tiles(q, k_pages.dtype)
   Gp = qp.shape[2]
   k, v = k_pages.reshape(kh, p * s, E), v_pages.reshape(kh, p * s, E)
   kv_spec = pl.BlockSpec((None, p * s, E), lambda b, h, i: (h, 0, 0))
@@ -456,8 +475,8 @@ def _launch(pages_per_block, num_splits, B, K, S, E, W, itemsize):
 
 def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: float | None = None,
                            pages_per_block: int | None = None, num_splits: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
-                           debug: bool = False):
+                           out_dtype=None, num_warps: int = 4, num_stages: int = 2,
+                           interpret: bool | None = None, debug: bool = False):
   """Decode attention read through page tables (logical block != physical page).
 
   Args:
@@ -468,9 +487,10 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
       never read.
     q_pos: int [B] the query's position: tokens 0 .. q_pos[b] are attended.
     pages_per_block: pages read per kernel iteration (default default_pages_per_block: tiles of
-      64 tokens).
+      64 tokens). G may be large (a prefix group's rows): row tiles of 16 share each page read.
   Returns:
-    (o [B, K, G, E] in q's dtype, lse [B, K, G] float32), as cache_decode_attention.
+    (o [B, K, G, E] in out_dtype (default q's), lse [B, K, G] float32), as
+    cache_decode_attention.
   """
   B, K, S, E, W = _check_pages(q, k_pages, v_pages, tables, "tables")
   if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
@@ -478,7 +498,7 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
   ppb, num_splits = _launch(pages_per_block, num_splits, B, K, S, E, W, k_pages.dtype.itemsize)
   return _paged(q, k_pages, v_pages, tables, q_pos, pages_per_block=ppb, num_splits=num_splits,
                 sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
-                rows_per_owner=1, out_dtype=None, num_warps=num_warps, num_stages=num_stages,
+                rows_per_owner=1, out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages,
                 interpret=default_interpret() if interpret is None else bool(interpret),
                 debug=debug)
 

@@ -178,7 +178,7 @@ def test_decode_compiled_gpu(dtype, with_mask, seed):
   assert np.allclose(np.asarray(lse), np.asarray(rlse), atol=1e-3)
 
 
-@pytest.mark.parametrize("G,ppb", [(1, 1), (4, 2), (8, 1), (3, 4)])
+@pytest.mark.parametrize("G,ppb", [(1, 1), (4, 2), (8, 1), (3, 4), (20, 2)])
 def test_paged_decode_matches_numpy(G, ppb, seed, compiled):
   """Pages in a random order of the pool, each sequence its own table; the kernel reads the
   pages through the table (ppb pages per iteration: gathered rows when > 1) against a float64
@@ -210,7 +210,7 @@ def test_listed_paged_decode_matches_numpy(ppb, seed, compiled):
   """Lists of pages shared by all of a list's rows (owner -1) or by one member's rows, in any
   order, an empty entry, entries past n_live and rows that see nothing: against float64."""
   rng = np.random.default_rng(seed)
-  C, K, G, M, S, E, P, L = 3, 2, 3, 3, 16, 16, 20, 7
+  C, K, G, M, S, E, P, L = 3, 2, 3, 6, 16, 16, 20, 7  # rows 18: two row tiles, one member across
   R = M * G
   kp, vp = (rng.standard_normal((K, P, S, E)).astype(np.float32) for _ in range(2))
   pages = rng.integers(0, P, (C, L)).astype(np.int32)
