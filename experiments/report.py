@@ -258,6 +258,8 @@ SPECS: dict[str, TableSpec] = {
                  ("paged / contiguous speed", "paged_over_contiguous_speed", _x),
                  ("per-sequence paged ms", "per_sequence_paged_ms", _ms),
                  ("shared-prefix ms", "shared_prefix_ms", _ms),
+                 ("prefix call ms", "shared_prefix_part_ms", _ms),
+                 ("own-pages call ms", "shared_own_part_ms", _ms),
                  ("shared-prefix speed-up", "shared_prefix_speedup", _x)),
         note=lambda p: (lambda r: f"Decode attention, bf16, {r.get('kv_heads')} KV heads x "
                         f"{r.get('group')} query heads, head dim {r.get('head_dim')}. Paged vs "
