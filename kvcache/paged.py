@@ -6,8 +6,8 @@ dim, H query heads.
 `PagedLayerCache` has the two methods the model calls (`update`, `attend`), so the decoder runs
 unchanged on pages: token t of sequence b lives in page tables[b, t // S] at offset t % S, its
 position is its logical index, and attention reads a sequence's pages through its table (here by
-gathering them into the slot layout kvcache.cache attends; a paged kernel that reads pages in
-place is the GPU path still to come). `generate_shared` takes many prompts, reuses every stored
+gathering them into the slot layout kvcache.cache attends; on GPU, decode goes through the Pallas
+paged kernel, which reads pages in place). `generate_shared` takes many prompts, reuses every stored
 prefix (radix tree) so shared prompt pages are held and prefilled once, and decodes all
 sequences together in jit steps over bucketed shapes (batch and page-table width rounded up).
 """
@@ -46,7 +46,6 @@ class PrefixGroups:
     length: int32 [Gr] prefix tokens, a multiple of the page size (0: a padding group).
     shift: int32 [B] prefix tokens of each row's group (0: a row in no group).
     slot: int32 [B] where each row is in members, flattened (group * M + j; -1: in no group).
-    complete: (static) every row is in a group.
   """
 
   members: jax.Array
@@ -54,7 +53,6 @@ class PrefixGroups:
   length: jax.Array
   shift: jax.Array
   slot: jax.Array
-  complete: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: int,
@@ -81,8 +79,7 @@ def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: 
     length[j] = len(p) * page_size
     shift[r] = len(p) * page_size
     slot[r] = j * m + np.arange(len(r))
-  return PrefixGroups(*map(jnp.asarray, (members, tables, length, shift, slot)),
-                      complete=bool(np.all(slot >= 0)))
+  return PrefixGroups(*map(jnp.asarray, (members, tables, length, shift, slot)))
 
 
 def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
@@ -90,41 +87,6 @@ def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
   r, w = tables.shape
   kh, _, s, e = k_pages.shape
   return k_pages[:, tables].transpose(1, 0, 2, 3, 4).reshape(r, kh, w * s, e)
-
-
-def group_page_lists(tables: jax.Array, positions: jax.Array, groups: PrefixGroups,
-                     page_size: int) -> tuple[jax.Array, ...]:
-  """Each group's pages as one list for pallas_kernels.listed_paged_decode_attention: the
-  prefix pages (seen by every member) then each member's own pages after the prefix up to its
-  query, the live entries first.
-
-  Args:
-    tables: int32 [B, W]; positions: int32 [B] each row's query position; groups: [Gr, M].
-  Returns:
-    pages, owners, starts: int32 [Gr, L] with L = Wp + M * W (owner -1: the prefix, else the
-    member's index in the group; starts: the entry's first position); n_live: int32 [Gr];
-    member_pos: int32 [Gr, M] the members' query positions (-1: padding).
-  """
-  b, w = tables.shape
-  s = page_size
-  gr, mm = groups.members.shape
-  wp = groups.tables.shape[1]
-  n_p = groups.length // s  # [Gr] prefix pages
-  real = groups.members < b
-  mem = jnp.minimum(groups.members, b - 1)  # [Gr, M]
-  member_pos = jnp.where(real, positions[mem], -1)
-  count = jnp.where(real, jnp.clip(member_pos // s + 1 - n_p[:, None], 0, w - n_p[:, None]), 0)
-  cum = jnp.cumsum(count, axis=1)  # [Gr, M] own pages of members 0 .. m
-  u = jnp.arange(wp + mm * w, dtype=jnp.int32)[None]  # [1, L] list entries
-  v = u - n_p[:, None]  # [Gr, L] the index among the own pages
-  m = jnp.minimum(jnp.sum(cum[:, None, :] <= v[:, :, None], axis=2), mm - 1)  # whose own page
-  col = n_p[:, None] + v - jnp.take_along_axis(cum - count, m, 1)  # its column in the table
-  own = tables[jnp.take_along_axis(mem, m, 1), jnp.clip(col, 0, w - 1)]
-  prefix = u < n_p[:, None]
-  pages = jnp.where(prefix, groups.tables[jnp.arange(gr)[:, None], jnp.minimum(u, wp - 1)], own)
-  owners = jnp.where(prefix, -1, m)
-  starts = jnp.where(prefix, u, col) * s
-  return pages, owners, starts, n_p + cum[:, -1], member_pos
 
 
 def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -138,12 +100,11 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       prefix pages first); positions: int32 [B, T] the queries' positions (causal: a query sees
       tokens at or before its position).
     groups: the rows' prefix groups.
-    kernel: with T == 1, pallas_kernels' listed paged kernel: one program per (group, KV head,
-      split) runs all of the group's query rows over its prefix pages (a matrix product per
-      page) and on over each member's own pages (that member's rows only) in one running
-      softmax; rows in no group through the paged kernel. Else the prefix part (all of a
-      group's rows at once) and each row's own part by gathered pages and
-      kvcache.attention.cache_attention (the prefill kernel on GPU), merged by log-sum-exp.
+    kernel: with T == 1, both parts through pallas_kernels' paged decode kernel, pages read in
+      place: the prefix part with a group's M * G query rows as the kernel's rows (row tiles
+      over each prefix page read once), the own part one row per sequence. Else gathered
+      pages and kvcache.attention.cache_attention (the prefill kernel on GPU). The two parts
+      are merged by log-sum-exp.
   Returns:
     (out [B, T, K, G, E] in q's dtype, lse [B, T, K, G] float32): equal to attention over each
     row's whole table.

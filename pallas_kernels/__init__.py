@@ -10,7 +10,6 @@ from pallas_kernels.decode import cache_decode_attention as cache_decode_attenti
 from pallas_kernels.decode import (
     cache_decode_attention_reference as cache_decode_attention_reference,
 )
-from pallas_kernels.decode import listed_paged_decode_attention as listed_paged_decode_attention
 from pallas_kernels.decode import paged_decode_attention as paged_decode_attention
 from pallas_kernels.decode import pick_block_size as pick_block_size
 from pallas_kernels.decode import supports as supports

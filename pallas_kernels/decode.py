@@ -140,38 +140,25 @@ def _gather_rows(ref, rows, live, interpret: bool):
   return _pltriton.load(ref.at[rows, :], mask=mask, other=jnp.zeros((), ref.dtype))
 
 
-def _paged_kernel(*refs, page_size: int, pages_per_block: int, n_entries: int, num_splits: int,
-                  qk_scale: float, listed: bool, rows_per_owner: int, interpret: bool):
-  """One (list, KV head, split): partial attention of Gp query rows over the pages of a list.
+def _paged_kernel(q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size: int,
+                  pages_per_block: int, n_entries: int, num_splits: int, qk_scale: float,
+                  interpret: bool):
+  """One (sequence, KV head, split): partial attention of Gp query rows over a page table.
 
-  Plain (listed=False), a sequence's page table: refs q_pos [1], table [W], q [Gp, E], k / v
-  [num_pages * S, E], o [Gp, E] float32, lse [Gp]; entry i holds positions i * S .. i * S + S-1
-  and entries past q_pos's page are not visited. Listed: refs n_live [1], q_pos [Gp], table [L],
-  owner [L], start [L], q, k, v, o, lse; entry i (< n_live) holds positions start[i] .. + S - 1
-  (start < 0: nothing) and is seen by the rows r with owner[i] < 0 or owner[i] == r //
-  rows_per_owner whose q_pos[r] >= the token's position. Each iteration reads pages_per_block
-  entries (gathered rows when > 1): the tile a small page size would otherwise cut short. The
-  rows (a multiple of MIN_ROWS) run as tiles of MIN_ROWS over each K / V tile read once: many
-  rows (a prefix group's queries) make independent small dots rather than one tall one.
+  q_pos_ref [1] int32, table_ref [W] int32 (entry i: page table[i], positions i * S .. i * S +
+  S - 1), q_ref [Gp, E], k_ref / v_ref [num_pages * S, E], o_ref [Gp, E] float32, lse_ref [Gp];
+  entries past q_pos's page are not visited. Each iteration reads pages_per_block entries
+  (gathered rows when > 1): the tile a small page size would otherwise cut short. The rows (a
+  multiple of MIN_ROWS) run as tiles of MIN_ROWS over each K / V tile read once: many rows (a
+  prefix group's queries) make independent small dots rather than one tall one.
   """
-  if listed:
-    n_live_ref, q_pos_ref, table_ref, owner_ref, start_ref, q_ref, k_ref, v_ref, o_ref, \
-        lse_ref = refs
-  else:
-    q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
   s, ppb = page_size, pages_per_block
   bs = s * ppb
   tr = MIN_ROWS
   tiles = q_ref.shape[0] // tr
   qs = [q_ref[pl.ds(i * tr, tr), :] for i in range(tiles)]  # [tr, E] each
-  if listed:
-    q_pos = [q_pos_ref[pl.ds(i * tr, tr)] for i in range(tiles)]  # [tr] each
-    n_live = jnp.minimum(n_live_ref[0], n_entries)
-    row_owner = [(i * tr + lax.broadcasted_iota(jnp.int32, (tr,), 0)) // rows_per_owner
-                 for i in range(tiles)]
-  else:
-    q_pos = q_pos_ref[0]
-    n_live = jnp.minimum(q_pos // s + 1, n_entries)  # pages up to the query's own
+  q_pos = q_pos_ref[0]
+  n_live = jnp.minimum(q_pos // s + 1, n_entries)  # pages up to the query's own
   n_iter = (n_live + ppb - 1) // ppb
   per_split = (n_iter + num_splits - 1) // num_splits
   first = pl.program_id(2) * per_split
@@ -180,52 +167,28 @@ def _paged_kernel(*refs, page_size: int, pages_per_block: int, n_entries: int, n
 
   def body(j, carry):
     if ppb == 1:  # one page: contiguous rows
-      entry = j
-      page, inside = table_ref[j], True
-    else:
-      entry = j * ppb + iota // s  # [bs] the list entry of each token
-      inside = entry < n_live
-      entry = jnp.minimum(entry, n_entries - 1)
-      page = table_ref[entry]  # [bs] gathered
-    base = start_ref[entry] if listed else entry * s
-    tok = base + iota % s if ppb > 1 else base + iota  # [bs] token positions
-    live = inside & (tok >= 0) & (base >= 0)
-    if listed:
-      own = owner_ref[entry]
-      valid = []
-      for i in range(tiles):
-        sees = ((own < 0) | (own == row_owner[i][:, None]) if ppb > 1 else
-                ((own < 0) | (own == row_owner[i]))[:, None])
-        valid.append(live[None, :] & sees & (tok[None, :] <= q_pos[i][:, None]))  # [tr, bs]
-      seen = functools.reduce(jnp.maximum, [jnp.max(x.astype(jnp.int32), axis=0) for x in valid])
-      live = seen != 0  # some row sees the token
-    else:
-      live = live & (tok <= q_pos)
-      valid = [jnp.broadcast_to(live[None, :], (tr, bs))] * tiles
-    if ppb == 1:
-      start = pl.multiple_of(page * s, s)
+      tok = j * s + iota
+      live = tok <= q_pos
+      start = pl.multiple_of(table_ref[j] * s, s)
       k, v = (_load_rows(r, start, s, live) for r in (k_ref, v_ref))
     else:
-      idx = page * s + iota % s
+      entry = j * ppb + iota // s  # [bs] the table entry of each token
+      tok = entry * s + iota % s
+      live = (entry < n_live) & (tok <= q_pos)
+      idx = table_ref[jnp.minimum(entry, n_entries - 1)] * s + iota % s  # gathered rows
       k, v = (_gather_rows(r, idx, live, interpret) for r in (k_ref, v_ref))
-    return tuple(_online_step(c, qi, k, v, vi, qk_scale) for c, qi, vi in zip(carry, qs, valid))
+    valid = jnp.broadcast_to(live[None, :], (tr, bs))
+    return tuple(_online_step(c, qi, k, v, valid, qk_scale) for c, qi in zip(carry, qs))
 
   _run_blocks(first, last, body, o_ref, lse_ref, tiles)
 
 
-def _pad_tiles(q, dtype):
-  """[B, K, G, E] -> [B, K, Gp, E] in dtype, G padded with zero rows to a multiple of
-  MIN_ROWS (the paged kernels' row tiles)."""
+def _pad_rows(q, dtype, tiles: bool = False):
+  """[B, K, G, E] -> [B, K, Gp, E] in dtype, G padded with zero rows (Triton dots need M >= 16)
+  to a power of two >= 16 or, with tiles, to a multiple of MIN_ROWS (the paged kernel's row
+  tiles)."""
   g = q.shape[2]
-  gp = -(-g // MIN_ROWS) * MIN_ROWS
-  return jnp.pad(q.astype(dtype), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-
-
-def _pad_rows(q, dtype):
-  """[B, K, G, E] -> [B, K, Gp, E] in dtype, G padded with zero rows to Gp (Triton dots need
-  M >= 16; a power of two)."""
-  g = q.shape[2]
-  gp = max(MIN_ROWS, pl.next_power_of_2(g))
+  gp = -(-g // MIN_ROWS) * MIN_ROWS if tiles else max(MIN_ROWS, pl.next_power_of_2(g))
   return jnp.pad(q.astype(dtype), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
 
 
@@ -283,41 +246,31 @@ def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_
 
 
 @functools.partial(jax.jit, static_argnames=("pages_per_block", "num_splits", "sm_scale",
-                                             "rows_per_owner", "out_dtype", "num_warps",
-                                             "num_stages", "interpret", "debug"))
-def _paged(q, k_pages, v_pages, tables, q_pos, owners=None, starts=None, n_live=None, *,
-           pages_per_block, num_splits, sm_scale, rows_per_owner, out_dtype, num_warps,
-           num_stages, interpret, debug):
-  """The paged kernel over tables [B, W] (plain: q_pos [B]) or lists (owners, starts [B, W],
-  n_live [B], q_pos [B, G]); pages [K, P, S, E] read in place, splits merged."""
+                                             "out_dtype", "num_warps", "num_stages", "interpret",
+                                             "debug"))
+def _paged(q, k_pages, v_pages, tables, q_pos, *, pages_per_block, num_splits, sm_scale,
+           out_dtype, num_warps, num_stages, interpret, debug):
+  """The paged kernel over tables [B, W], q_pos [B]; pages [K, P, S, E] read in place, rows
+  padded to row tiles, splits merged."""
   B, K, G, E = q.shape
   kh, p, s, _ = k_pages.shape
-  listed = owners is not None
   W = tables.shape[1]
-  qp = _pad_tiles(q, k_pages.dtype)
+  qp = _pad_rows(q, k_pages.dtype, tiles=True)
   Gp = qp.shape[2]
   k, v = k_pages.reshape(kh, p * s, E), v_pages.reshape(kh, p * s, E)
   kv_spec = pl.BlockSpec((None, p * s, E), lambda b, h, i: (h, 0, 0))
-  row = lambda n: pl.BlockSpec((None, n), lambda b, h, i: (b, 0))  # noqa: E731
-  q_spec = pl.BlockSpec((None, None, Gp, E), lambda b, h, i: (b, h, 0, 0))
-  if listed:
-    q_pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, Gp - G)), constant_values=-1)
-    args = [n_live.astype(jnp.int32)[:, None], q_pos, tables.astype(jnp.int32),
-            owners.astype(jnp.int32), starts.astype(jnp.int32)]
-    in_specs = [row(1), row(Gp), row(W), row(W), row(W)]
-  else:
-    args = [q_pos.astype(jnp.int32)[:, None], tables.astype(jnp.int32)]
-    in_specs = [row(1), row(W)]
+  in_specs = [pl.BlockSpec((None, 1), lambda b, h, i: (b, 0)),
+              pl.BlockSpec((None, W), lambda b, h, i: (b, 0)),
+              pl.BlockSpec((None, None, Gp, E), lambda b, h, i: (b, h, 0, 0)), kv_spec, kv_spec]
   out_specs, out_shape = _out_specs(B, K, num_splits, Gp, E)
   o, lse = pl.pallas_call(
       functools.partial(_paged_kernel, page_size=s, pages_per_block=pages_per_block,
                         n_entries=W, num_splits=num_splits, qk_scale=sm_scale * LOG2E,
-                        listed=listed, rows_per_owner=rows_per_owner, interpret=interpret),
-      grid=(B, K, num_splits), in_specs=in_specs + [q_spec, kv_spec, kv_spec],
-      out_specs=out_specs, out_shape=out_shape, compiler_params=_params(num_warps, num_stages),
-      interpret=interpret, debug=debug,
-      name="listed_paged_decode_attention" if listed else "paged_decode_attention",
-  )(*args, qp, k, v)
+                        interpret=interpret),
+      grid=(B, K, num_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(num_warps, num_stages), interpret=interpret, debug=debug,
+      name="paged_decode_attention",
+  )(q_pos.astype(jnp.int32)[:, None], tables.astype(jnp.int32), qp, k, v)
   return _merged(o, lse, G, out_dtype or q.dtype)
 
 
@@ -498,48 +451,6 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
   ppb, num_splits = _launch(pages_per_block, num_splits, B, K, S, E, W, k_pages.dtype.itemsize)
   return _paged(q, k_pages, v_pages, tables, q_pos, pages_per_block=ppb, num_splits=num_splits,
                 sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
-                rows_per_owner=1, out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages,
-                interpret=default_interpret() if interpret is None else bool(interpret),
-                debug=debug)
-
-
-def listed_paged_decode_attention(q, k_pages, v_pages, pages, owners, starts, n_live, q_pos, *,
-                                  rows_per_owner: int, sm_scale: float | None = None,
-                                  pages_per_block: int | None = None,
-                                  num_splits: int | None = None, out_dtype=None,
-                                  num_warps: int = 4, num_stages: int = 2,
-                                  interpret: bool | None = None, debug: bool = False):
-  """Attention of C lists of query rows, each over a list of pages shared by some of its rows.
-
-  The kernel under shared-prefix decoding (Hydragen / BatchLLM): one list per prefix group, its
-  rows the group's members' queries, its entries the prefix pages (seen by every row: one
-  matrix product per page for the whole group) followed by each member's own pages (seen by
-  that member's rows only), one running softmax per row across both, so no merge is needed.
-
-  Args:
-    q: [C, K, R, E] the rows of each list, grouped by KV head.
-    k_pages, v_pages: [K, P, S, E] the pool.
-    pages: int [C, L] the entries' pages; starts: int [C, L] the position of each entry's first
-      token (its tokens: starts .. starts + S - 1; < 0: an empty entry); owners: int [C, L]
-      which rows see an entry: all (< 0) or those r with r // rows_per_owner == owners.
-    n_live: int [C] entries in use (those past it are not read; put the live ones first).
-    q_pos: int [C, R] each row's position: it sees the tokens at or before it.
-  Returns:
-    (o [C, K, R, E] in out_dtype (default q's), lse [C, K, R] float32).
-  """
-  C, K, S, E, L = _check_pages(q, k_pages, v_pages, pages, "pages")
-  for name, x, shape in (("owners", owners, (C, L)), ("starts", starts, (C, L)),
-                         ("n_live", n_live, (C,)), ("q_pos", q_pos, (C, q.shape[2]))):
-    if getattr(x, "shape", None) != shape or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name} must be an int {list(shape)} array, got "
-                       f"{getattr(x, 'shape', None)}")
-  if rows_per_owner < 1:
-    raise ValueError(f"rows_per_owner must be >= 1, got {rows_per_owner}")
-  ppb, num_splits = _launch(pages_per_block, num_splits, C, K, S, E, L, k_pages.dtype.itemsize)
-  return _paged(q, k_pages, v_pages, pages, q_pos, owners, starts, n_live, pages_per_block=ppb,
-                num_splits=num_splits,
-                sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
-                rows_per_owner=int(rows_per_owner), out_dtype=out_dtype, num_warps=num_warps,
-                num_stages=num_stages,
+                out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages,
                 interpret=default_interpret() if interpret is None else bool(interpret),
                 debug=debug)

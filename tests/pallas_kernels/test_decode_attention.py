@@ -7,7 +7,6 @@ import pytest
 from pallas_kernels import (
     cache_decode_attention,
     cache_decode_attention_reference,
-    listed_paged_decode_attention,
     paged_decode_attention,
     pick_block_size,
     supports,
@@ -203,45 +202,6 @@ def test_paged_decode_matches_numpy(G, ppb, seed, compiled):
     want = np.einsum("kgn,kne->kge", w / w.sum(-1, keepdims=True), v)
     np.testing.assert_allclose(np.asarray(o[b]), want, atol=2e-5)
     np.testing.assert_allclose(np.asarray(lse[b]), (m[..., 0] + np.log(w.sum(-1))), atol=2e-5)
-
-
-@pytest.mark.parametrize("ppb", [1, 2])
-def test_listed_paged_decode_matches_numpy(ppb, seed, compiled):
-  """Lists of pages shared by all of a list's rows (owner -1) or by one member's rows, in any
-  order, an empty entry, entries past n_live and rows that see nothing: against float64."""
-  rng = np.random.default_rng(seed)
-  C, K, G, M, S, E, P, L = 3, 2, 3, 6, 16, 16, 20, 7  # rows 18: two row tiles, one member across
-  R = M * G
-  kp, vp = (rng.standard_normal((K, P, S, E)).astype(np.float32) for _ in range(2))
-  pages = rng.integers(0, P, (C, L)).astype(np.int32)
-  owners = rng.integers(-1, M, (C, L)).astype(np.int32)
-  starts = (rng.permutation(L * C).reshape(C, L) * S).astype(np.int32)
-  starts[0, 1] = -1  # an empty entry
-  n_live = np.array([L, 4, 0], np.int32)  # all, a prefix of the list, none
-  q_pos = rng.integers(0, L * C * S, (C, R)).astype(np.int32)
-  q_pos[1, :G] = -1  # member 0 of list 1 sees nothing
-  q = rng.standard_normal((C, K, R, E)).astype(np.float32)
-  o, lse = compiled(lambda *a: listed_paged_decode_attention(
-      *a, rows_per_owner=G, pages_per_block=ppb, num_splits=2), q, kp, vp, pages, owners,
-      starts, n_live, q_pos)
-  for c, r in np.ndindex(C, R):
-    ks, vs = [], []
-    for i in range(n_live[c]):
-      if starts[c, i] >= 0 and owners[c, i] in (-1, r // G):
-        seen = starts[c, i] + np.arange(S) <= q_pos[c, r]
-        ks.append(kp[:, pages[c, i]][:, seen])
-        vs.append(vp[:, pages[c, i]][:, seen])
-    k = np.concatenate(ks, 1) if ks else np.zeros((K, 0, E))
-    if k.shape[1] == 0:
-      assert np.all(np.asarray(lse[c, :, r]) == -np.inf) and np.all(np.asarray(o[c, :, r]) == 0)
-      continue
-    v = np.concatenate(vs, 1)
-    s = np.einsum("ke,kne->kn", q[c, :, r].astype(np.float64), k) / np.sqrt(E)
-    m = s.max(-1, keepdims=True)
-    w = np.exp(s - m)
-    np.testing.assert_allclose(np.asarray(o[c, :, r]), np.einsum(
-        "kn,kne->ke", w / w.sum(-1, keepdims=True), v), atol=2e-5)
-    np.testing.assert_allclose(np.asarray(lse[c, :, r]), m[:, 0] + np.log(w.sum(-1)), atol=2e-5)
 
 
 def test_paged_decode_bad_input():
