@@ -112,37 +112,27 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   b, t, kh, g, e = q.shape
   s, w = k_pages.shape[2], tables.shape[1]
   gr, mm = groups.members.shape
-  if kernel and t == 1:
+  decode = kernel and t == 1
+  dtype = q.dtype
+  if decode:  # the kernel's partials are float32 whatever the queries' dtype
     from pallas_kernels.decode import paged_decode_attention
     f32 = functools.partial(paged_decode_attention, out_dtype=jnp.float32)
-    # The prefix part: a group's M * G query rows as the kernel's rows (row tiles over each
-    # prefix page read once), all positions before the prefix's end visible.
-    rows = q[jnp.minimum(groups.members, b - 1), 0]  # [Gr, M, K, G, E]
-    rows = rows.transpose(0, 2, 1, 3, 4).reshape(gr, kh, mm * g, e)
-    o_p, lse_p = f32(rows, k_pages, v_pages, groups.tables, groups.length - 1)
-    o_p = o_p.reshape(gr, kh, mm, g, e).transpose(0, 2, 1, 3, 4).reshape(gr * mm, kh, g, e)
-    lse_p = lse_p.reshape(gr, kh, mm, g).transpose(0, 2, 1, 3).reshape(gr * mm, kh, g)
-    idx = jnp.maximum(groups.slot, 0)
-    lse_p = jnp.where((groups.slot >= 0)[:, None, None], lse_p[idx], -jnp.inf)
-    # The own part: each row's pages after its prefix, positions shifted alike.
-    first = groups.shift // s
-    own = jnp.take_along_axis(tables, jnp.minimum(first[:, None] + jnp.arange(w)[None], w - 1),
-                              1)
-    o_s, lse_s = f32(q[:, 0], k_pages, v_pages, own, positions[:, 0] - groups.shift)
-    out, lse = merge_attention(o_p[idx], lse_p, o_s, lse_s)
-    return out[:, None].astype(q.dtype), lse[:, None]
-  dtype, q = q.dtype, q.astype(jnp.float32)  # float32 queries: float32 partials, rounded once
+  else:
+    q = q.astype(jnp.float32)  # float32 queries: float32 partials, rounded once
   # The prefix part: the M * T * G query rows of a group against its prefix, once.
   rows = q[jnp.minimum(groups.members, b - 1)]  # [Gr, M, T, K, G, E]
   rows = rows.transpose(0, 3, 1, 2, 4, 5).reshape(gr, kh, mm * t * g, e)
-  n_p = groups.tables.shape[1] * s
-  ppos = jnp.arange(n_p, dtype=jnp.int32)
-  ppos = jnp.where(ppos[None] < groups.length[:, None], ppos[None], -1)
-  o_p, lse_p = cache_attention(rows[:, :, None], _page_view(k_pages, groups.tables),
-                               _page_view(v_pages, groups.tables),
-                               jnp.broadcast_to(ppos[:, None], (gr, kh, n_p)),
-                               jnp.broadcast_to(groups.length[:, None], (gr, mm * t * g)))
-  o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
+  if decode:
+    o_p, lse_p = f32(rows, k_pages, v_pages, groups.tables, groups.length - 1)
+  else:
+    n_p = groups.tables.shape[1] * s
+    ppos = jnp.arange(n_p, dtype=jnp.int32)
+    ppos = jnp.where(ppos[None] < groups.length[:, None], ppos[None], -1)
+    o_p, lse_p = cache_attention(rows[:, :, None], _page_view(k_pages, groups.tables),
+                                 _page_view(v_pages, groups.tables),
+                                 jnp.broadcast_to(ppos[:, None], (gr, kh, n_p)),
+                                 jnp.broadcast_to(groups.length[:, None], (gr, mm * t * g)))
+    o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
   # Back to the rows: row b's prefix part is its group's row slot[b] (none: lse -inf).
   o_p = o_p.reshape(gr, kh, mm, t, g, e).transpose(0, 2, 3, 1, 4, 5).reshape(gr * mm, t, kh, g, e)
   lse_p = lse_p.reshape(gr, kh, mm, t, g).transpose(0, 2, 3, 1, 4).reshape(gr * mm, t, kh, g)
@@ -153,10 +143,14 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   first = groups.shift // s
   own = jnp.take_along_axis(tables, jnp.minimum(first[:, None] + jnp.arange(w)[None], w - 1), 1)
   rel = positions - groups.shift[:, None]
-  pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
-  o_s, lse_s = cache_attention(q.transpose(0, 2, 3, 1, 4), _page_view(k_pages, own),
-                               _page_view(v_pages, own), pos, rel)
-  o_s, lse_s = o_s.transpose(0, 3, 1, 2, 4), lse_s.transpose(0, 3, 1, 2)
+  if decode:
+    o_s, lse_s = f32(q[:, 0], k_pages, v_pages, own, rel[:, 0])
+    o_s, lse_s = o_s[:, None], lse_s[:, None]
+  else:
+    pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
+    o_s, lse_s = cache_attention(q.transpose(0, 2, 3, 1, 4), _page_view(k_pages, own),
+                                 _page_view(v_pages, own), pos, rel)
+    o_s, lse_s = o_s.transpose(0, 3, 1, 2, 4), lse_s.transpose(0, 3, 1, 2)
   out, lse = merge_attention(out_p, lse_pb, o_s, lse_s)
   return out.astype(dtype), lse
 
