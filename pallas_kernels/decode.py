@@ -394,7 +394,7 @@ def default_pages_per_block(page_size: int, head_dim: int, itemsize: int = 2) ->
   return max(1, rows // page_size)
 
 
-def _check_pages(q, k_pages, v_pages, tables, what: str):
+def _check_pages(q, k_pages, v_pages, tables):
   """ValueError unless q [B, K, G, E], pages [K, P, S, E] alike (S a power of two >= 16, E a
   power of two >= 16) and tables int [B, W]; returns (B, K, S, E, W)."""
   if getattr(k_pages, "ndim", None) != 4 or k_pages.shape != v_pages.shape:
@@ -406,7 +406,7 @@ def _check_pages(q, k_pages, v_pages, tables, what: str):
   B = q.shape[0]
   if getattr(tables, "ndim", None) != 2 or tables.shape[0] != B or not jnp.issubdtype(
       tables.dtype, jnp.integer):
-    raise ValueError(f"{what} must be an int [B={B}, W] array, got "
+    raise ValueError(f"tables must be an int [B={B}, W] array, got "
                      f"{getattr(tables, 'shape', None)}")
   S = layouts.check_block_size(S, "page size")
   if E < 16 or not layouts.is_power_of_two(E):
@@ -415,7 +415,7 @@ def _check_pages(q, k_pages, v_pages, tables, what: str):
 
 
 def _launch(pages_per_block, num_splits, B, K, S, E, W, itemsize):
-  """Resolved (pages_per_block, num_splits) of the paged kernels."""
+  """Resolved (pages_per_block, num_splits) of the paged kernel."""
   ppb = default_pages_per_block(S, E, itemsize) if pages_per_block is None else int(
       pages_per_block)
   if ppb < 1:
@@ -445,7 +445,7 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
     (o [B, K, G, E] in out_dtype (default q's), lse [B, K, G] float32), as
     cache_decode_attention.
   """
-  B, K, S, E, W = _check_pages(q, k_pages, v_pages, tables, "tables")
+  B, K, S, E, W = _check_pages(q, k_pages, v_pages, tables)
   if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
     raise ValueError(f"q_pos must be an int [B={B}] array, got {getattr(q_pos, 'shape', None)}")
   ppb, num_splits = _launch(pages_per_block, num_splits, B, K, S, E, W, k_pages.dtype.itemsize)
