@@ -28,7 +28,11 @@ from experiments.results import write_results
 from kvcache.paged import prefix_groups, shared_paged_attention
 from kvcache.pool import PagePool
 from kvcache.radix import RadixTree
-from pallas_kernels.decode import cache_decode_attention, paged_decode_attention
+from pallas_kernels.decode import (
+    cache_decode_attention,
+    paged_decode_attention,
+    paged_decode_attention_parts,
+)
 
 
 def measure(groups: int, per_group: int, prefix: int, suffix: int, page_size: int,
@@ -115,7 +119,7 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
     return o[:, 0], lse[:, 0]
 
   t_shared = time_ms(shared, (qs, kpool, vpool), repeats, inner=inner)
-  # Its two kernel calls alone: the prefix part (a group's 16 x G query rows as the kernel's
+  # Its two parts, each in a launch of its own: the prefix part (a group's 16 x G query rows as the kernel's
   # rows, over the group's prefix pages) and the own part (each sequence's suffix pages).
   rows = qs.reshape(groups, per_group, k, g, e).transpose(0, 2, 1, 3, 4).reshape(
       groups, k, per_group * g, e)
@@ -124,6 +128,14 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
                             jnp.full((groups,), prefix - 1, jnp.int32)), repeats, inner=inner)
   t_own = time_ms(part, (qs, kpool, vpool, jnp.asarray(suf, jnp.int32),
                          jnp.full((ns,), suffix - 1, jnp.int32)), repeats, inner=inner)
+  # Both parts in one launch (what shared_paged_attention runs) at several prefix splits.
+  own_args = (qs, jnp.asarray(suf, jnp.int32), jnp.full((ns,), suffix - 1, jnp.int32))
+  pre_args = (rows, jnp.asarray(pre, jnp.int32), jnp.full((groups,), prefix - 1, jnp.int32))
+  one_launch = {}
+  for ps in (1, 2, 4, 8):
+    fn = jax.jit(lambda a, b, kp, vp, ps=ps: paged_decode_attention_parts(
+        [a, b], kp, vp, num_splits=[ps, 1], out_dtype=jnp.float32))
+    one_launch[str(ps)] = time_ms(fn, (pre_args, own_args, kpool, vpool), repeats, inner=inner)
   o_ref = per_seq(*per_args)
   o_sh = shared(qs, kpool, vpool)
   shared_err = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
@@ -135,7 +147,7 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
           "groups": groups, "per_group": per_group, "prefix": prefix, "suffix": suffix,
           "shared_prefix_ms": t_shared, "per_sequence_paged_ms": t_per,
           "shared_max_abs_diff": shared_err, "shared_prefix_part_ms": t_prefix,
-          "shared_own_part_ms": t_own,
+          "shared_own_part_ms": t_own, "shared_one_launch_ms_by_prefix_splits": one_launch,
           "shared_prefix_speedup": t_per / t_shared}
 
 

@@ -100,9 +100,10 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       prefix pages first); positions: int32 [B, T] the queries' positions (causal: a query sees
       tokens at or before its position).
     groups: the rows' prefix groups.
-    kernel: with T == 1, both parts through pallas_kernels' paged decode kernel, pages read in
-      place: the prefix part with a group's M * G query rows as the kernel's rows (row tiles
-      over each prefix page read once), the own part one row per sequence. Else gathered
+    kernel: with T == 1, both parts in one launch of pallas_kernels' paged decode kernel
+      (paged_decode_attention_parts), pages read in place: the prefix part with a group's
+      M * G query rows as the kernel's rows (row tiles over each prefix page read once), the
+      own part one row per sequence. Else gathered
       pages and kvcache.attention.cache_attention (the prefill kernel on GPU). The two parts
       are merged by log-sum-exp.
   Returns:
@@ -114,16 +115,21 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   gr, mm = groups.members.shape
   decode = kernel and t == 1
   dtype = q.dtype
-  if decode:  # the kernel's partials are float32 whatever the queries' dtype
-    from pallas_kernels.decode import paged_decode_attention
-    f32 = functools.partial(paged_decode_attention, out_dtype=jnp.float32)
-  else:
+  if not decode:
     q = q.astype(jnp.float32)  # float32 queries: float32 partials, rounded once
   # The prefix part: the M * T * G query rows of a group against its prefix, once.
   rows = q[jnp.minimum(groups.members, b - 1)]  # [Gr, M, T, K, G, E]
   rows = rows.transpose(0, 3, 1, 2, 4, 5).reshape(gr, kh, mm * t * g, e)
-  if decode:
-    o_p, lse_p = f32(rows, k_pages, v_pages, groups.tables, groups.length - 1)
+  # The own part: each row's pages after its prefix, positions shifted alike.
+  first = groups.shift // s
+  own = jnp.take_along_axis(tables, jnp.minimum(first[:, None] + jnp.arange(w)[None], w - 1), 1)
+  rel = positions - groups.shift[:, None]
+  if decode:  # both parts in one launch of the paged kernel; float32 partials
+    from pallas_kernels.decode import paged_decode_attention_parts
+    (o_p, lse_p), (o_s, lse_s) = paged_decode_attention_parts(
+        [(rows, groups.tables, groups.length - 1), (q[:, 0], own, rel[:, 0])], k_pages,
+        v_pages, out_dtype=jnp.float32)
+    o_s, lse_s = o_s[:, None], lse_s[:, None]
   else:
     n_p = groups.tables.shape[1] * s
     ppos = jnp.arange(n_p, dtype=jnp.int32)
@@ -133,24 +139,16 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                                  jnp.broadcast_to(ppos[:, None], (gr, kh, n_p)),
                                  jnp.broadcast_to(groups.length[:, None], (gr, mm * t * g)))
     o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
+    pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
+    o_s, lse_s = cache_attention(q.transpose(0, 2, 3, 1, 4), _page_view(k_pages, own),
+                                 _page_view(v_pages, own), pos, rel)
+    o_s, lse_s = o_s.transpose(0, 3, 1, 2, 4), lse_s.transpose(0, 3, 1, 2)
   # Back to the rows: row b's prefix part is its group's row slot[b] (none: lse -inf).
   o_p = o_p.reshape(gr, kh, mm, t, g, e).transpose(0, 2, 3, 1, 4, 5).reshape(gr * mm, t, kh, g, e)
   lse_p = lse_p.reshape(gr, kh, mm, t, g).transpose(0, 2, 3, 1, 4).reshape(gr * mm, t, kh, g)
   idx = jnp.maximum(groups.slot, 0)
   out_p = o_p[idx]
   lse_pb = jnp.where((groups.slot >= 0)[:, None, None, None], lse_p[idx], -jnp.inf)
-  # The own part: each row's pages after its prefix, positions shifted alike.
-  first = groups.shift // s
-  own = jnp.take_along_axis(tables, jnp.minimum(first[:, None] + jnp.arange(w)[None], w - 1), 1)
-  rel = positions - groups.shift[:, None]
-  if decode:
-    o_s, lse_s = f32(q[:, 0], k_pages, v_pages, own, rel[:, 0])
-    o_s, lse_s = o_s[:, None], lse_s[:, None]
-  else:
-    pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
-    o_s, lse_s = cache_attention(q.transpose(0, 2, 3, 1, 4), _page_view(k_pages, own),
-                                 _page_view(v_pages, own), pos, rel)
-    o_s, lse_s = o_s.transpose(0, 3, 1, 2, 4), lse_s.transpose(0, 3, 1, 2)
   out, lse = merge_attention(out_p, lse_pb, o_s, lse_s)
   return out.astype(dtype), lse
 

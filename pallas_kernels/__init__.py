@@ -11,6 +11,7 @@ from pallas_kernels.decode import (
     cache_decode_attention_reference as cache_decode_attention_reference,
 )
 from pallas_kernels.decode import paged_decode_attention as paged_decode_attention
+from pallas_kernels.decode import paged_decode_attention_parts as paged_decode_attention_parts
 from pallas_kernels.decode import pick_block_size as pick_block_size
 from pallas_kernels.decode import supports as supports
 from pallas_kernels.layouts import causal_layout as causal_layout

@@ -140,10 +140,11 @@ def _gather_rows(ref, rows, live, interpret: bool):
   return _pltriton.load(ref.at[rows, :], mask=mask, other=jnp.zeros((), ref.dtype))
 
 
-def _paged_kernel(q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size: int,
-                  pages_per_block: int, n_entries: int, num_splits: int, qk_scale: float,
-                  interpret: bool):
-  """One (sequence, KV head, split): partial attention of Gp query rows over a page table.
+def _paged_part(split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                page_size: int, pages_per_block: int, num_splits: int, qk_scale: float,
+                interpret: bool):
+  """One (sequence, KV head, split) of a part: partial attention of Gp query rows over a page
+  table.
 
   q_pos_ref [1] int32, table_ref [W] int32 (entry i: page table[i], positions i * S .. i * S +
   S - 1), q_ref [Gp, E], k_ref / v_ref [num_pages * S, E], o_ref [Gp, E] float32, lse_ref [Gp];
@@ -153,6 +154,7 @@ def _paged_kernel(q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
   prefix group's queries) make independent small dots rather than one tall one.
   """
   s, ppb = page_size, pages_per_block
+  n_entries = table_ref.shape[0]
   bs = s * ppb
   tr = MIN_ROWS
   tiles = q_ref.shape[0] // tr
@@ -161,7 +163,7 @@ def _paged_kernel(q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
   n_live = jnp.minimum(q_pos // s + 1, n_entries)  # pages up to the query's own
   n_iter = (n_live + ppb - 1) // ppb
   per_split = (n_iter + num_splits - 1) // num_splits
-  first = pl.program_id(2) * per_split
+  first = split * per_split
   last = jnp.minimum(first + per_split, n_iter)
   iota = lax.broadcasted_iota(jnp.int32, (bs,), 0)
 
@@ -181,6 +183,25 @@ def _paged_kernel(q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, 
     return tuple(_online_step(c, qi, k, v, valid, qk_scale) for c, qi in zip(carry, qs))
 
   _run_blocks(first, last, body, o_ref, lse_ref, tiles)
+
+
+def _paged_kernel(*refs, parts: tuple[tuple[int, int, int], ...], **kw):
+  """All parts' programs in one launch (grid (K, sum of B_i * P_i)): program i runs part j's
+  (sequence, split) when i falls in part j's range [offset, offset + B_j * P_j).
+
+  refs: per part (q_pos, table, q), then k, v, then per part (o, lse); parts: per part
+  (offset, B, P), static.
+  """
+  n = len(parts)
+  ins, (k_ref, v_ref), outs = refs[:3 * n], refs[3 * n:3 * n + 2], refs[3 * n + 2:]
+  i = pl.program_id(1)
+  for j, (offset, b, p) in enumerate(parts):
+    args = (*ins[3 * j:3 * j + 3], k_ref, v_ref, *outs[2 * j:2 * j + 2])
+    if n == 1:
+      _paged_part(i // b, *args, num_splits=p, **kw)
+    else:
+      pl.when((i >= offset) & (i < offset + b * p))(
+          functools.partial(_paged_part, (i - offset) // b, *args, num_splits=p, **kw))
 
 
 def _pad_rows(q, dtype, tiles: bool = False):
@@ -245,33 +266,58 @@ def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_
   return _merged(o, lse, G, q.dtype)
 
 
+def _part_specs(offset: int, B: int, P: int, W: int, Gp: int, E: int):
+  """BlockSpecs of one part in the (K, programs) grid: program i -> (sequence, split) of the
+  part, clamped into it (programs of other parts point at a block they never touch)."""
+  def seq(i):
+    return jnp.clip(i - offset, 0, B * P - 1) % B
+
+  def split(i):
+    return jnp.clip(i - offset, 0, B * P - 1) // B
+
+  ins = [pl.BlockSpec((None, 1), lambda h, i: (seq(i), 0)),
+         pl.BlockSpec((None, W), lambda h, i: (seq(i), 0)),
+         pl.BlockSpec((None, None, Gp, E), lambda h, i: (seq(i), h, 0, 0))]
+  outs = [pl.BlockSpec((None, None, None, Gp, E), lambda h, i: (seq(i), h, split(i), 0, 0)),
+          pl.BlockSpec((None, None, None, Gp), lambda h, i: (seq(i), h, split(i), 0))]
+  return ins, outs
+
+
 @functools.partial(jax.jit, static_argnames=("pages_per_block", "num_splits", "sm_scale",
                                              "out_dtype", "num_warps", "num_stages", "interpret",
                                              "debug"))
-def _paged(q, k_pages, v_pages, tables, q_pos, *, pages_per_block, num_splits, sm_scale,
+def _paged(qs, k_pages, v_pages, tables, q_pos, *, pages_per_block, num_splits, sm_scale,
            out_dtype, num_warps, num_stages, interpret, debug):
-  """The paged kernel over tables [B, W], q_pos [B]; pages [K, P, S, E] read in place, rows
-  padded to row tiles, splits merged."""
-  B, K, G, E = q.shape
-  kh, p, s, _ = k_pages.shape
-  W = tables.shape[1]
-  qp = _pad_rows(q, k_pages.dtype, tiles=True)
-  Gp = qp.shape[2]
+  """The paged kernel over parts (qs / tables / q_pos: tuples, part j [B_j, K, G_j, E] /
+  [B_j, W_j] / [B_j]) in one launch; pages [K, P, S, E] read in place, rows padded to row
+  tiles, each part's num_splits[j] splits merged."""
+  kh, p, s, E = k_pages.shape
   k, v = k_pages.reshape(kh, p * s, E), v_pages.reshape(kh, p * s, E)
-  kv_spec = pl.BlockSpec((None, p * s, E), lambda b, h, i: (h, 0, 0))
-  in_specs = [pl.BlockSpec((None, 1), lambda b, h, i: (b, 0)),
-              pl.BlockSpec((None, W), lambda b, h, i: (b, 0)),
-              pl.BlockSpec((None, None, Gp, E), lambda b, h, i: (b, h, 0, 0)), kv_spec, kv_spec]
-  out_specs, out_shape = _out_specs(B, K, num_splits, Gp, E)
-  o, lse = pl.pallas_call(
-      functools.partial(_paged_kernel, page_size=s, pages_per_block=pages_per_block,
-                        n_entries=W, num_splits=num_splits, qk_scale=sm_scale * LOG2E,
+  kv_spec = pl.BlockSpec((None, p * s, E), lambda h, i: (h, 0, 0))
+  args, in_specs, outs, out_specs, out_shape, parts = [], [], [], [], [], []
+  offset = 0
+  for q, t, qp_, n_split in zip(qs, tables, q_pos, num_splits):
+    B, W = t.shape
+    qp = _pad_rows(q, k_pages.dtype, tiles=True)
+    Gp = qp.shape[2]
+    ins, os_ = _part_specs(offset, B, n_split, W, Gp, E)
+    args += [qp_.astype(jnp.int32)[:, None], t.astype(jnp.int32), qp]
+    in_specs += ins
+    out_specs += os_
+    out_shape += [jax.ShapeDtypeStruct((B, kh, n_split, Gp, E), jnp.float32),
+                  jax.ShapeDtypeStruct((B, kh, n_split, Gp), jnp.float32)]
+    parts.append((offset, B, n_split))
+    offset += B * n_split
+  res = pl.pallas_call(
+      functools.partial(_paged_kernel, parts=tuple(parts), page_size=s,
+                        pages_per_block=pages_per_block, qk_scale=sm_scale * LOG2E,
                         interpret=interpret),
-      grid=(B, K, num_splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(num_warps, num_stages), interpret=interpret, debug=debug,
-      name="paged_decode_attention",
-  )(q_pos.astype(jnp.int32)[:, None], tables.astype(jnp.int32), qp, k, v)
-  return _merged(o, lse, G, out_dtype or q.dtype)
+      grid=(kh, offset), in_specs=in_specs + [kv_spec, kv_spec], out_specs=out_specs,
+      out_shape=out_shape, compiler_params=_params(num_warps, num_stages), interpret=interpret,
+      debug=debug, name="paged_decode_attention",
+  )(*args, k, v)
+  return tuple(_merged(res[2 * j], res[2 * j + 1], q.shape[2], out_dtype or q.dtype)
+               for j, q in enumerate(qs))
 
 
 def check_cache_slots(q, k, v, pos) -> int:
@@ -445,12 +491,49 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
     (o [B, K, G, E] in out_dtype (default q's), lse [B, K, G] float32), as
     cache_decode_attention.
   """
-  B, K, S, E, W = _check_pages(q, k_pages, v_pages, tables)
-  if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
-    raise ValueError(f"q_pos must be an int [B={B}] array, got {getattr(q_pos, 'shape', None)}")
-  ppb, num_splits = _launch(pages_per_block, num_splits, B, K, S, E, W, k_pages.dtype.itemsize)
-  return _paged(q, k_pages, v_pages, tables, q_pos, pages_per_block=ppb, num_splits=num_splits,
-                sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
-                out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages,
-                interpret=default_interpret() if interpret is None else bool(interpret),
-                debug=debug)
+  return paged_decode_attention_parts(
+      [(q, tables, q_pos)], k_pages, v_pages, sm_scale=sm_scale,
+      pages_per_block=pages_per_block, num_splits=None if num_splits is None else [num_splits],
+      out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+      debug=debug)[0]
+
+
+def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | None = None,
+                                 pages_per_block: int | None = None, num_splits=None,
+                                 out_dtype=None, num_warps: int = 4, num_stages: int = 2,
+                                 interpret: bool | None = None, debug: bool = False):
+  """paged_decode_attention of several parts over one pool in ONE kernel launch.
+
+  Each part is (q [B_j, K, G_j, E], tables int [B_j, W_j], q_pos int [B_j]), as
+  paged_decode_attention's arguments; its programs (B_j x K x splits) join one grid, so parts of
+  different shapes (a shared prefix's group rows over long tables, each sequence's own rows over
+  short ones) keep the GPU busy together rather than one launch after the other.
+
+  num_splits: None (each part's default, the splits of its own launch; with several parts, a
+  part's splits keep its programs within about 2x the iterations of the shortest part's), or one
+  int per part. Returns a list of (o [B_j, K, G_j, E] in out_dtype (default q's), lse
+  [B_j, K, G_j] float32), one per part.
+  """
+  if not parts:
+    raise ValueError("paged_decode_attention_parts needs at least one part")
+  dims = [_check_pages(q, k_pages, v_pages, t) for q, t, _ in parts]
+  for (B, *_), (_, _, q_pos) in zip(dims, parts):
+    if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
+      raise ValueError(f"q_pos must be an int [B={B}] array, got "
+                       f"{getattr(q_pos, 'shape', None)}")
+  if num_splits is not None and len(num_splits) != len(parts):
+    raise ValueError(f"num_splits needs one entry per part ({len(parts)}), got {num_splits!r}")
+  item = k_pages.dtype.itemsize
+  ppb = _launch(pages_per_block, 1, *dims[0], item)[0]
+  if num_splits is None and len(parts) > 1:  # balance: programs of comparable length
+    iters = [-(-d[4] // ppb) for d in dims]
+    num_splits = [-(-n // (2 * min(iters))) for n in iters]
+  splits = [_launch(ppb, None if num_splits is None else num_splits[j], *d, item)[1]
+            for j, d in enumerate(dims)]
+  E = dims[0][3]
+  return list(_paged(tuple(p[0] for p in parts), k_pages, v_pages, tuple(p[1] for p in parts),
+                     tuple(p[2] for p in parts), pages_per_block=ppb, num_splits=tuple(splits),
+                     sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
+                     out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages,
+                     interpret=default_interpret() if interpret is None else bool(interpret),
+                     debug=debug))

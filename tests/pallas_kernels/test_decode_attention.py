@@ -8,6 +8,7 @@ from pallas_kernels import (
     cache_decode_attention,
     cache_decode_attention_reference,
     paged_decode_attention,
+    paged_decode_attention_parts,
     pick_block_size,
     supports,
 )
@@ -202,6 +203,33 @@ def test_paged_decode_matches_numpy(G, ppb, seed, compiled):
     want = np.einsum("kgn,kne->kge", w / w.sum(-1, keepdims=True), v)
     np.testing.assert_allclose(np.asarray(o[b]), want, atol=2e-5)
     np.testing.assert_allclose(np.asarray(lse[b]), (m[..., 0] + np.log(w.sum(-1))), atol=2e-5)
+
+
+def test_paged_decode_parts_in_one_launch_equal_each_alone(seed, compiled):
+  """Two parts of different rows, table widths and splits (a prefix group's many rows over
+  long tables, single sequences over short ones) in one launch: each equals its own launch,
+  and its own launch the float64 loop of test_paged_decode_matches_numpy."""
+  rng = np.random.default_rng(seed)
+  K, S, E, P = 2, 16, 16, 20
+  kp, vp = (rng.standard_normal((K, P, S, E)).astype(np.float32) for _ in range(2))
+  a = (rng.standard_normal((2, K, 20, E)).astype(np.float32),
+       np.stack([rng.permutation(P)[:8] for _ in range(2)]).astype(np.int32),
+       np.array([127, 70], np.int32))
+  b = (rng.standard_normal((5, K, 3, E)).astype(np.float32),
+       np.stack([rng.permutation(P)[:2] for _ in range(5)]).astype(np.int32),
+       np.array([0, 15, 16, 31, 20], np.int32))
+  (oa, la), (ob, lb) = compiled(
+      lambda *x: paged_decode_attention_parts([x[:3], x[3:]], kp, vp, num_splits=[3, 1],
+                                              pages_per_block=2), *a, *b)
+  for (o, lse), part in (((oa, la), a), ((ob, lb), b)):
+    want_o, want_lse = compiled(lambda *x: paged_decode_attention(*x, num_splits=1), part[0],
+                                kp, vp, *part[1:])
+    np.testing.assert_allclose(np.asarray(o), np.asarray(want_o), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-5)
+  with pytest.raises(ValueError, match="one entry per part"):
+    paged_decode_attention_parts([a, b], kp, vp, num_splits=[2])
+  with pytest.raises(ValueError, match="at least one part"):
+    paged_decode_attention_parts([], kp, vp)
 
 
 def test_paged_decode_bad_input():
