@@ -83,20 +83,31 @@ def _online_step(carry, q, k, v, valid, qk_scale: float):
   return acc, m_next, alpha * l_prev + jnp.sum(p, axis=1)
 
 
-def _run_blocks(first, last, body, o_ref, lse_ref, tiles: int = 1):
+def _store_rows(ref, start, live, val):
+  """ref[start:start + n] = val [n, ...] where live [n], the other rows not written."""
+  n = val.shape[0]
+  rows = ref.at[pl.ds(start, n)]
+  if _pltriton is None:  # pragma: no cover - no Triton-lowering module: a plain select
+    rows[...] = jnp.where(live.reshape((n,) + (1,) * (val.ndim - 1)), val, rows[...])
+    return
+  _pltriton.store(rows, val, mask=jnp.broadcast_to(
+      live.reshape((n,) + (1,) * (val.ndim - 1)), val.shape))
+
+
+def _run_blocks(first, last, body, tiles: int, rows: int, width: int):
   """Runs body over blocks [first, last) from an empty state per row tile (the carry: a tuple
-  of `tiles` states of o_ref.shape[0] // tiles rows); writes each tile's normalised partial
-  output and its natural log-sum-exp (-inf where nothing was valid)."""
-  rows = o_ref.shape[0] // tiles
-  init = tuple((jnp.zeros((rows, o_ref.shape[1]), jnp.float32),
+  of `tiles` states of `rows` rows); returns each tile's (normalised partial output [rows,
+  width], natural log-sum-exp [rows], -inf where nothing was valid)."""
+  init = tuple((jnp.zeros((rows, width), jnp.float32),
                 jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
                for _ in range(tiles))
   states = lax.fori_loop(first, jnp.maximum(first, last), body, init)
-  for i, (acc, m, l) in enumerate(states):
+  out = []
+  for acc, m, l in states:
     empty = l == 0.0
-    at = pl.ds(i * rows, rows)
-    o_ref[at, :] = acc / jnp.where(empty, 1.0, l)[:, None]
-    lse_ref[at] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)
+    out.append((acc / jnp.where(empty, 1.0, l)[:, None],
+                jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * LN2)))
+  return out
 
 
 def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: int,
@@ -129,7 +140,9 @@ def _decode_kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, *refs, block_size: i
     v = _load_rows(v_ref, start, bs, live)
     return (_online_step(carry[0], q, k, v, valid, qk_scale),)
 
-  _run_blocks(first, last, body, o_ref, lse_ref)
+  (o, lse), = _run_blocks(first, last, body, 1, *o_ref.shape)
+  o_ref[...] = o
+  lse_ref[...] = lse
 
 
 def _gather_rows(ref, rows, live, interpret: bool):
@@ -140,25 +153,29 @@ def _gather_rows(ref, rows, live, interpret: bool):
   return _pltriton.load(ref.at[rows, :], mask=mask, other=jnp.zeros((), ref.dtype))
 
 
-def _paged_part(split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                page_size: int, pages_per_block: int, num_splits: int, qk_scale: float,
-                interpret: bool):
-  """One (sequence, KV head, split) of a part: partial attention of Gp query rows over a page
-  table.
+def _paged_part(h, split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, seq,
+                group: int, kv_heads: int, page_size: int, pages_per_block: int,
+                num_splits: int, qk_scale: float, interpret: bool):
+  """One (sequence, KV head h, split) of a part: partial attention of its G query rows over a
+  page table.
 
   q_pos_ref [1] int32, table_ref [W] int32 (entry i: page table[i], positions i * S .. i * S +
-  S - 1), q_ref [Gp, E], k_ref / v_ref [num_pages * S, E], o_ref [Gp, E] float32, lse_ref [Gp];
-  entries past q_pos's page are not visited. Each iteration reads pages_per_block entries
-  (gathered rows when > 1): the tile a small page size would otherwise cut short. The rows (a
-  multiple of MIN_ROWS) run as tiles of MIN_ROWS over each K / V tile read once: many rows (a
-  prefix group's queries) make independent small dots rather than one tall one.
+  S - 1), q_ref [B * K * G, E] (every part's rows, unpadded: row (b * K + k) * G + g),
+  k_ref / v_ref [num_pages * S, E], o_ref [B * K * P * G, E] float32 and lse_ref [B * K * P * G]
+  (row ((b * K + k) * P + p) * G + g); entries past q_pos's page are not visited. Each
+  iteration reads pages_per_block entries (gathered rows when > 1): the tile a small page size
+  would otherwise cut short. The G rows run as tiles of MIN_ROWS (masked loads and stores past
+  G) over each K / V tile read once: many rows (a prefix group's queries) make independent
+  small dots rather than one tall one.
   """
-  s, ppb = page_size, pages_per_block
+  s, ppb, tr = page_size, pages_per_block, MIN_ROWS
   n_entries = table_ref.shape[0]
   bs = s * ppb
-  tr = MIN_ROWS
-  tiles = q_ref.shape[0] // tr
-  qs = [q_ref[pl.ds(i * tr, tr), :] for i in range(tiles)]  # [tr, E] each
+  tiles = -(-group // tr)
+  q_row = (seq * kv_heads + h) * group
+  o_row = ((seq * kv_heads + h) * num_splits + split) * group
+  rows = lax.broadcasted_iota(jnp.int32, (tr,), 0)
+  qs = [_load_rows(q_ref, q_row + i * tr, tr, i * tr + rows < group) for i in range(tiles)]
   q_pos = q_pos_ref[0]
   n_live = jnp.minimum(q_pos // s + 1, n_entries)  # pages up to the query's own
   n_iter = (n_live + ppb - 1) // ppb
@@ -182,34 +199,38 @@ def _paged_part(split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref
     valid = jnp.broadcast_to(live[None, :], (tr, bs))
     return tuple(_online_step(c, qi, k, v, valid, qk_scale) for c, qi in zip(carry, qs))
 
-  _run_blocks(first, last, body, o_ref, lse_ref, tiles)
+  outs = _run_blocks(first, last, body, tiles, tr, q_ref.shape[1])
+  for i, (o, lse) in enumerate(outs):
+    live = i * tr + rows < group
+    _store_rows(o_ref, o_row + i * tr, live, o)
+    _store_rows(lse_ref, o_row + i * tr, live, lse)
 
 
-def _paged_kernel(*refs, parts: tuple[tuple[int, int, int], ...], **kw):
+def _paged_kernel(*refs, parts: tuple[tuple[int, int, int, int], ...], **kw):
   """All parts' programs in one launch (grid (K, sum of B_i * P_i)): program i runs part j's
   (sequence, split) when i falls in part j's range [offset, offset + B_j * P_j).
 
   refs: per part (q_pos, table, q), then k, v, then per part (o, lse); parts: per part
-  (offset, B, P), static.
+  (offset, B, P, G), static.
   """
   n = len(parts)
   ins, (k_ref, v_ref), outs = refs[:3 * n], refs[3 * n:3 * n + 2], refs[3 * n + 2:]
-  i = pl.program_id(1)
-  for j, (offset, b, p) in enumerate(parts):
-    args = (*ins[3 * j:3 * j + 3], k_ref, v_ref, *outs[2 * j:2 * j + 2])
+  h, i = pl.program_id(0), pl.program_id(1)  # (read here: not inside a pl.when)
+  for j, (offset, b, p, g) in enumerate(parts):
+    local = jnp.clip(i - offset, 0, b * p - 1)
+    run = functools.partial(_paged_part, h, local // b, *ins[3 * j:3 * j + 3], k_ref, v_ref,
+                            *outs[2 * j:2 * j + 2], seq=local % b, group=g, num_splits=p, **kw)
     if n == 1:
-      _paged_part(i // b, *args, num_splits=p, **kw)
+      run()
     else:
-      pl.when((i >= offset) & (i < offset + b * p))(
-          functools.partial(_paged_part, (i - offset) // b, *args, num_splits=p, **kw))
+      pl.when((i >= offset) & (i < offset + b * p))(run)
 
 
-def _pad_rows(q, dtype, tiles: bool = False):
-  """[B, K, G, E] -> [B, K, Gp, E] in dtype, G padded with zero rows (Triton dots need M >= 16)
-  to a power of two >= 16 or, with tiles, to a multiple of MIN_ROWS (the paged kernel's row
-  tiles)."""
+def _pad_rows(q, dtype):
+  """[B, K, G, E] -> [B, K, Gp, E] in dtype, G padded with zero rows to a power of two >= 16
+  (Triton dots need M >= 16)."""
   g = q.shape[2]
-  gp = -(-g // MIN_ROWS) * MIN_ROWS if tiles else max(MIN_ROWS, pl.next_power_of_2(g))
+  gp = max(MIN_ROWS, pl.next_power_of_2(g))
   return jnp.pad(q.astype(dtype), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
 
 
@@ -266,21 +287,13 @@ def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_
   return _merged(o, lse, G, q.dtype)
 
 
-def _part_specs(offset: int, B: int, P: int, W: int, Gp: int, E: int):
-  """BlockSpecs of one part in the (K, programs) grid: program i -> (sequence, split) of the
-  part, clamped into it (programs of other parts point at a block they never touch)."""
-  def seq(i):
-    return jnp.clip(i - offset, 0, B * P - 1) % B
+def _seq_specs(offset: int, B: int, P: int, W: int):
+  """BlockSpecs of a part's q_pos and table in the (K, programs) grid: program i -> the part's
+  sequence, clamped into it (programs of other parts point at a block they never read)."""
+  def seq(h, i):
+    return jnp.clip(i - offset, 0, B * P - 1) % B, 0
 
-  def split(i):
-    return jnp.clip(i - offset, 0, B * P - 1) // B
-
-  ins = [pl.BlockSpec((None, 1), lambda h, i: (seq(i), 0)),
-         pl.BlockSpec((None, W), lambda h, i: (seq(i), 0)),
-         pl.BlockSpec((None, None, Gp, E), lambda h, i: (seq(i), h, 0, 0))]
-  outs = [pl.BlockSpec((None, None, None, Gp, E), lambda h, i: (seq(i), h, split(i), 0, 0)),
-          pl.BlockSpec((None, None, None, Gp), lambda h, i: (seq(i), h, split(i), 0))]
-  return ins, outs
+  return [pl.BlockSpec((None, 1), seq), pl.BlockSpec((None, W), seq)]
 
 
 @functools.partial(jax.jit, static_argnames=("pages_per_block", "num_splits", "sm_scale",
@@ -289,35 +302,46 @@ def _part_specs(offset: int, B: int, P: int, W: int, Gp: int, E: int):
 def _paged(qs, k_pages, v_pages, tables, q_pos, *, pages_per_block, num_splits, sm_scale,
            out_dtype, num_warps, num_stages, interpret, debug):
   """The paged kernel over parts (qs / tables / q_pos: tuples, part j [B_j, K, G_j, E] /
-  [B_j, W_j] / [B_j]) in one launch; pages [K, P, S, E] read in place, rows padded to row
-  tiles, each part's num_splits[j] splits merged."""
+  [B_j, W_j] / [B_j]) in one launch; pages [K, P, S, E] read in place, queries and outputs as
+  flat unpadded rows (the interpreter gets MIN_ROWS rows of slack: its slices clamp), each
+  part's num_splits[j] splits merged."""
   kh, p, s, E = k_pages.shape
   k, v = k_pages.reshape(kh, p * s, E), v_pages.reshape(kh, p * s, E)
-  kv_spec = pl.BlockSpec((None, p * s, E), lambda h, i: (h, 0, 0))
-  args, in_specs, outs, out_specs, out_shape, parts = [], [], [], [], [], []
+  slack = MIN_ROWS if interpret else 0
+  args, in_specs, out_specs, out_shape, parts = [], [], [], [], []
   offset = 0
   for q, t, qp_, n_split in zip(qs, tables, q_pos, num_splits):
     B, W = t.shape
-    qp = _pad_rows(q, k_pages.dtype, tiles=True)
-    Gp = qp.shape[2]
-    ins, os_ = _part_specs(offset, B, n_split, W, Gp, E)
-    args += [qp_.astype(jnp.int32)[:, None], t.astype(jnp.int32), qp]
-    in_specs += ins
-    out_specs += os_
-    out_shape += [jax.ShapeDtypeStruct((B, kh, n_split, Gp, E), jnp.float32),
-                  jax.ShapeDtypeStruct((B, kh, n_split, Gp), jnp.float32)]
-    parts.append((offset, B, n_split))
+    G = q.shape[2]
+    qf = q.astype(k_pages.dtype).reshape(B * kh * G, E)
+    if slack:
+      qf = jnp.pad(qf, ((0, slack), (0, 0)))
+    args += [qp_.astype(jnp.int32)[:, None], t.astype(jnp.int32), qf]
+    in_specs += _seq_specs(offset, B, n_split, W) + [
+        pl.BlockSpec(qf.shape, lambda h, i: (0, 0))]
+    n_out = B * kh * n_split * G + slack
+    out_specs += [pl.BlockSpec((n_out, E), lambda h, i: (0, 0)),
+                  pl.BlockSpec((n_out,), lambda h, i: (0,))]
+    out_shape += [jax.ShapeDtypeStruct((n_out, E), jnp.float32),
+                  jax.ShapeDtypeStruct((n_out,), jnp.float32)]
+    parts.append((offset, B, n_split, G))
     offset += B * n_split
+  kv_spec = pl.BlockSpec((None, p * s, E), lambda h, i: (h, 0, 0))
   res = pl.pallas_call(
-      functools.partial(_paged_kernel, parts=tuple(parts), page_size=s,
+      functools.partial(_paged_kernel, parts=tuple(parts), kv_heads=kh, page_size=s,
                         pages_per_block=pages_per_block, qk_scale=sm_scale * LOG2E,
                         interpret=interpret),
       grid=(kh, offset), in_specs=in_specs + [kv_spec, kv_spec], out_specs=out_specs,
       out_shape=out_shape, compiler_params=_params(num_warps, num_stages), interpret=interpret,
       debug=debug, name="paged_decode_attention",
   )(*args, k, v)
-  return tuple(_merged(res[2 * j], res[2 * j + 1], q.shape[2], out_dtype or q.dtype)
-               for j, q in enumerate(qs))
+  outs = []
+  for j, (q, (_, B, n_split, G)) in enumerate(zip(qs, parts)):
+    n = B * kh * n_split * G
+    o = res[2 * j][:n].reshape(B, kh, n_split, G, E)
+    lse = res[2 * j + 1][:n].reshape(B, kh, n_split, G)
+    outs.append(_merged(o, lse, G, out_dtype or q.dtype))
+  return tuple(outs)
 
 
 def check_cache_slots(q, k, v, pos) -> int:
