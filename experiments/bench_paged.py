@@ -128,14 +128,15 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
                             jnp.full((groups,), prefix - 1, jnp.int32)), repeats, inner=inner)
   t_own = time_ms(part, (qs, kpool, vpool, jnp.asarray(suf, jnp.int32),
                          jnp.full((ns,), suffix - 1, jnp.int32)), repeats, inner=inner)
-  # Both parts in one launch (what shared_paged_attention runs) at several prefix splits.
+  # Both parts in one launch (what shared_paged_attention runs), the prefix part's tiles of
+  # 16, 32 (its default) and 64 tokens.
   own_args = (qs, jnp.asarray(suf, jnp.int32), jnp.full((ns,), suffix - 1, jnp.int32))
   pre_args = (rows, jnp.asarray(pre, jnp.int32), jnp.full((groups,), prefix - 1, jnp.int32))
   one_launch = {}
-  for ps in (1, 2, 4, 8):
-    fn = jax.jit(lambda a, b, kp, vp, ps=ps: paged_decode_attention_parts(
-        [a, b], kp, vp, num_splits=[ps, 1], out_dtype=jnp.float32))
-    one_launch[str(ps)] = time_ms(fn, (pre_args, own_args, kpool, vpool), repeats, inner=inner)
+  for bs in (16, 32, 64):
+    fn = jax.jit(lambda a, b, kp, vp, bs=bs: paged_decode_attention_parts(
+        [a, b], kp, vp, block_tokens=[bs, 64], out_dtype=jnp.float32))
+    one_launch[str(bs)] = time_ms(fn, (pre_args, own_args, kpool, vpool), repeats, inner=inner)
   o_ref = per_seq(*per_args)
   o_sh = shared(qs, kpool, vpool)
   shared_err = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
@@ -147,7 +148,7 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
           "groups": groups, "per_group": per_group, "prefix": prefix, "suffix": suffix,
           "shared_prefix_ms": t_shared, "per_sequence_paged_ms": t_per,
           "shared_max_abs_diff": shared_err, "shared_prefix_part_ms": t_prefix,
-          "shared_own_part_ms": t_own, "shared_one_launch_ms_by_prefix_splits": one_launch,
+          "shared_own_part_ms": t_own, "shared_one_launch_ms_by_prefix_tile": one_launch,
           "shared_prefix_speedup": t_per / t_shared}
 
 

@@ -154,47 +154,43 @@ def _gather_rows(ref, rows, live, interpret: bool):
 
 
 def _paged_part(h, split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, seq,
-                group: int, kv_heads: int, page_size: int, pages_per_block: int,
-                num_splits: int, qk_scale: float, interpret: bool):
+                group: int, block_tokens: int, num_splits: int, kv_heads: int, page_size: int,
+                qk_scale: float, interpret: bool):
   """One (sequence, KV head h, split) of a part: partial attention of its G query rows over a
   page table.
 
   q_pos_ref [1] int32, table_ref [W] int32 (entry i: page table[i], positions i * S .. i * S +
   S - 1), q_ref [B * K * G, E] (every part's rows, unpadded: row (b * K + k) * G + g),
   k_ref / v_ref [num_pages * S, E], o_ref [B * K * P * G, E] float32 and lse_ref [B * K * P * G]
-  (row ((b * K + k) * P + p) * G + g); entries past q_pos's page are not visited. Each
-  iteration reads pages_per_block entries (gathered rows when > 1): the tile a small page size
-  would otherwise cut short. The G rows run as tiles of MIN_ROWS (masked loads and stores past
-  G) over each K / V tile read once: many rows (a prefix group's queries) make independent
-  small dots rather than one tall one.
+  (row ((b * K + k) * P + p) * G + g); tokens past q_pos are not read. Each iteration reads a
+  tile of block_tokens tokens: gathered rows of several pages when it is larger than a page
+  (the tile a small page size would otherwise cut short), contiguous rows of one page when not.
+  The G rows run as tiles of MIN_ROWS (masked loads and stores past G) over each K / V tile
+  read once: many rows (a prefix group's queries) make independent small dots rather than one
+  tall one.
   """
-  s, ppb, tr = page_size, pages_per_block, MIN_ROWS
+  s, bs, tr = page_size, block_tokens, MIN_ROWS
   n_entries = table_ref.shape[0]
-  bs = s * ppb
   tiles = -(-group // tr)
   q_row = (seq * kv_heads + h) * group
   o_row = ((seq * kv_heads + h) * num_splits + split) * group
   rows = lax.broadcasted_iota(jnp.int32, (tr,), 0)
   qs = [_load_rows(q_ref, q_row + i * tr, tr, i * tr + rows < group) for i in range(tiles)]
-  q_pos = q_pos_ref[0]
-  n_live = jnp.minimum(q_pos // s + 1, n_entries)  # pages up to the query's own
-  n_iter = (n_live + ppb - 1) // ppb
+  n_tok = jnp.minimum(q_pos_ref[0] + 1, n_entries * s)  # tokens up to the query's own
+  n_iter = (n_tok + bs - 1) // bs
   per_split = (n_iter + num_splits - 1) // num_splits
   first = split * per_split
   last = jnp.minimum(first + per_split, n_iter)
   iota = lax.broadcasted_iota(jnp.int32, (bs,), 0)
 
   def body(j, carry):
-    if ppb == 1:  # one page: contiguous rows
-      tok = j * s + iota
-      live = tok <= q_pos
-      start = pl.multiple_of(table_ref[j] * s, s)
-      k, v = (_load_rows(r, start, s, live) for r in (k_ref, v_ref))
+    tok = j * bs + iota  # [bs] logical token of each row
+    live = tok < n_tok
+    if bs <= s:  # within one page: contiguous rows
+      start = pl.multiple_of(table_ref[(j * bs) // s] * s + (j * bs) % s, bs)
+      k, v = (_load_rows(r, start, bs, live) for r in (k_ref, v_ref))
     else:
-      entry = j * ppb + iota // s  # [bs] the table entry of each token
-      tok = entry * s + iota % s
-      live = (entry < n_live) & (tok <= q_pos)
-      idx = table_ref[jnp.minimum(entry, n_entries - 1)] * s + iota % s  # gathered rows
+      idx = table_ref[jnp.minimum(tok // s, n_entries - 1)] * s + tok % s  # gathered rows
       k, v = (_gather_rows(r, idx, live, interpret) for r in (k_ref, v_ref))
     valid = jnp.broadcast_to(live[None, :], (tr, bs))
     return tuple(_online_step(c, qi, k, v, valid, qk_scale) for c, qi in zip(carry, qs))
@@ -206,20 +202,21 @@ def _paged_part(h, split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_
     _store_rows(lse_ref, o_row + i * tr, live, lse)
 
 
-def _paged_kernel(*refs, parts: tuple[tuple[int, int, int, int], ...], **kw):
+def _paged_kernel(*refs, parts: tuple[tuple[int, int, int, int, int], ...], **kw):
   """All parts' programs in one launch (grid (K, sum of B_i * P_i)): program i runs part j's
   (sequence, split) when i falls in part j's range [offset, offset + B_j * P_j).
 
   refs: per part (q_pos, table, q), then k, v, then per part (o, lse); parts: per part
-  (offset, B, P, G), static.
+  (offset, B, P, G, block tokens), static.
   """
   n = len(parts)
   ins, (k_ref, v_ref), outs = refs[:3 * n], refs[3 * n:3 * n + 2], refs[3 * n + 2:]
   h, i = pl.program_id(0), pl.program_id(1)  # (read here: not inside a pl.when)
-  for j, (offset, b, p, g) in enumerate(parts):
+  for j, (offset, b, p, g, bs) in enumerate(parts):
     local = jnp.clip(i - offset, 0, b * p - 1)
     run = functools.partial(_paged_part, h, local // b, *ins[3 * j:3 * j + 3], k_ref, v_ref,
-                            *outs[2 * j:2 * j + 2], seq=local % b, group=g, num_splits=p, **kw)
+                            *outs[2 * j:2 * j + 2], seq=local % b, group=g, block_tokens=bs,
+                            num_splits=p, **kw)
     if n == 1:
       run()
     else:
@@ -296,10 +293,10 @@ def _seq_specs(offset: int, B: int, P: int, W: int):
   return [pl.BlockSpec((None, 1), seq), pl.BlockSpec((None, W), seq)]
 
 
-@functools.partial(jax.jit, static_argnames=("pages_per_block", "num_splits", "sm_scale",
+@functools.partial(jax.jit, static_argnames=("block_tokens", "num_splits", "sm_scale",
                                              "out_dtype", "num_warps", "num_stages", "interpret",
                                              "debug"))
-def _paged(qs, k_pages, v_pages, tables, q_pos, *, pages_per_block, num_splits, sm_scale,
+def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, num_splits, sm_scale,
            out_dtype, num_warps, num_stages, interpret, debug):
   """The paged kernel over parts (qs / tables / q_pos: tuples, part j [B_j, K, G_j, E] /
   [B_j, W_j] / [B_j]) in one launch; pages [K, P, S, E] read in place, queries and outputs as
@@ -310,7 +307,7 @@ def _paged(qs, k_pages, v_pages, tables, q_pos, *, pages_per_block, num_splits, 
   slack = MIN_ROWS if interpret else 0
   args, in_specs, out_specs, out_shape, parts = [], [], [], [], []
   offset = 0
-  for q, t, qp_, n_split in zip(qs, tables, q_pos, num_splits):
+  for q, t, qp_, n_split, bs in zip(qs, tables, q_pos, num_splits, block_tokens):
     B, W = t.shape
     G = q.shape[2]
     qf = q.astype(k_pages.dtype).reshape(B * kh * G, E)
@@ -324,19 +321,18 @@ def _paged(qs, k_pages, v_pages, tables, q_pos, *, pages_per_block, num_splits, 
                   pl.BlockSpec((n_out,), lambda h, i: (0,))]
     out_shape += [jax.ShapeDtypeStruct((n_out, E), jnp.float32),
                   jax.ShapeDtypeStruct((n_out,), jnp.float32)]
-    parts.append((offset, B, n_split, G))
+    parts.append((offset, B, n_split, G, bs))
     offset += B * n_split
   kv_spec = pl.BlockSpec((None, p * s, E), lambda h, i: (h, 0, 0))
   res = pl.pallas_call(
       functools.partial(_paged_kernel, parts=tuple(parts), kv_heads=kh, page_size=s,
-                        pages_per_block=pages_per_block, qk_scale=sm_scale * LOG2E,
-                        interpret=interpret),
+                        qk_scale=sm_scale * LOG2E, interpret=interpret),
       grid=(kh, offset), in_specs=in_specs + [kv_spec, kv_spec], out_specs=out_specs,
       out_shape=out_shape, compiler_params=_params(num_warps, num_stages), interpret=interpret,
       debug=debug, name="paged_decode_attention",
   )(*args, k, v)
   outs = []
-  for j, (q, (_, B, n_split, G)) in enumerate(zip(qs, parts)):
+  for j, (q, (_, B, n_split, G, _)) in enumerate(zip(qs, parts)):
     n = B * kh * n_split * G
     o = res[2 * j][:n].reshape(B, kh, n_split, G, E)
     lse = res[2 * j + 1][:n].reshape(B, kh, n_split, G)
@@ -457,11 +453,12 @@ def cache_decode_attention_reference(q, k, v, pos, q_pos, mask=None, *,
   return o.astype(q.dtype), lse
 
 
-def default_pages_per_block(page_size: int, head_dim: int, itemsize: int = 2) -> int:
-  """Pages each paged-kernel iteration reads: a tile of up to 64 tokens (within MAX_TILE_BYTES),
-  so small pages do not cut the kernel's blocks short; 1 for pages of >= 64 tokens."""
-  rows = min(64, MAX_TILE_BYTES // (head_dim * itemsize))
-  return max(1, rows // page_size)
+def default_block_tokens(head_dim: int, itemsize: int = 2, rows: int = 1) -> int:
+  """Tokens each paged-kernel iteration reads: 64 (within MAX_TILE_BYTES) for a part of up to
+  MIN_ROWS query rows; 32 for parts of more (a prefix group's rows: their row tiles' scores and
+  the wider K / V tile would cost registers, which cap every program of the launch)."""
+  tokens = min(64, MAX_TILE_BYTES // (head_dim * itemsize))
+  return max(16, tokens // 2) if rows > MIN_ROWS else tokens
 
 
 def _check_pages(q, k_pages, v_pages, tables):
@@ -484,20 +481,15 @@ def _check_pages(q, k_pages, v_pages, tables):
   return B, K, S, E, tables.shape[1]
 
 
-def _launch(pages_per_block, num_splits, B, K, S, E, W, itemsize):
-  """Resolved (pages_per_block, num_splits) of the paged kernel."""
-  ppb = default_pages_per_block(S, E, itemsize) if pages_per_block is None else int(
-      pages_per_block)
-  if ppb < 1:
-    raise ValueError(f"pages_per_block must be >= 1, got {pages_per_block!r}")
-  n_iter = -(-W // ppb)
-  if num_splits is None:
-    num_splits = _default_splits(B, K, n_iter)
-  return ppb, max(1, min(int(num_splits), n_iter))
+def _block_tokens(block_tokens) -> int:
+  bs = int(block_tokens)
+  if bs < 16 or not layouts.is_power_of_two(bs):
+    raise ValueError(f"block_tokens must be a power of two >= 16, got {block_tokens!r}")
+  return bs
 
 
 def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: float | None = None,
-                           pages_per_block: int | None = None, num_splits: int | None = None,
+                           block_tokens: int | None = None, num_splits: int | None = None,
                            out_dtype=None, num_warps: int = 4, num_stages: int = 2,
                            interpret: bool | None = None, debug: bool = False):
   """Decode attention read through page tables (logical block != physical page).
@@ -509,22 +501,23 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
       (tables[b, t // S], t % S) and its position is t. Entries past a sequence's last block are
       never read.
     q_pos: int [B] the query's position: tokens 0 .. q_pos[b] are attended.
-    pages_per_block: pages read per kernel iteration (default default_pages_per_block: tiles of
-      64 tokens). G may be large (a prefix group's rows): row tiles of 16 share each page read.
+    block_tokens: tokens read per kernel iteration, a power of two >= 16 (default
+      default_block_tokens): several pages' rows gathered when larger than S, part of a page
+      when smaller. G may be large (a prefix group's rows): row tiles of 16 share each tile.
   Returns:
     (o [B, K, G, E] in out_dtype (default q's), lse [B, K, G] float32), as
     cache_decode_attention.
   """
   return paged_decode_attention_parts(
       [(q, tables, q_pos)], k_pages, v_pages, sm_scale=sm_scale,
-      pages_per_block=pages_per_block, num_splits=None if num_splits is None else [num_splits],
-      out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-      debug=debug)[0]
+      block_tokens=None if block_tokens is None else [block_tokens],
+      num_splits=None if num_splits is None else [num_splits], out_dtype=out_dtype,
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret, debug=debug)[0]
 
 
 def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | None = None,
-                                 pages_per_block: int | None = None, num_splits=None,
-                                 out_dtype=None, num_warps: int = 4, num_stages: int = 2,
+                                 block_tokens=None, num_splits=None, out_dtype=None,
+                                 num_warps: int = 4, num_stages: int = 2,
                                  interpret: bool | None = None, debug: bool = False):
   """paged_decode_attention of several parts over one pool in ONE kernel launch.
 
@@ -533,10 +526,12 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   different shapes (a shared prefix's group rows over long tables, each sequence's own rows over
   short ones) keep the GPU busy together rather than one launch after the other.
 
-  num_splits: None (each part's default, the splits of its own launch; with several parts, a
-  part's splits keep its programs within about 2x the iterations of the shortest part's), or one
-  int per part. Returns a list of (o [B_j, K, G_j, E] in out_dtype (default q's), lse
-  [B_j, K, G_j] float32), one per part.
+  block_tokens, num_splits: None or one int per part. Default tiles: default_block_tokens of the
+  part's rows. Default splits: for one part, enough programs to fill the GPU, each keeping >= 4
+  tiles; for several parts, none while their programs together fill it (a split's partials
+  cost a merge), else each part's own default.
+  Returns a list of (o [B_j, K, G_j, E] in out_dtype (default q's), lse [B_j, K, G_j]
+  float32), one per part.
   """
   if not parts:
     raise ValueError("paged_decode_attention_parts needs at least one part")
@@ -545,18 +540,21 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
     if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
       raise ValueError(f"q_pos must be an int [B={B}] array, got "
                        f"{getattr(q_pos, 'shape', None)}")
-  if num_splits is not None and len(num_splits) != len(parts):
-    raise ValueError(f"num_splits needs one entry per part ({len(parts)}), got {num_splits!r}")
+  for name, val in (("block_tokens", block_tokens), ("num_splits", num_splits)):
+    if val is not None and len(val) != len(parts):
+      raise ValueError(f"{name} needs one entry per part ({len(parts)}), got {val!r}")
   item = k_pages.dtype.itemsize
-  ppb = _launch(pages_per_block, 1, *dims[0], item)[0]
-  if num_splits is None and len(parts) > 1:  # balance: programs of comparable length
-    iters = [-(-d[4] // ppb) for d in dims]
-    num_splits = [-(-n // (2 * min(iters))) for n in iters]
-  splits = [_launch(ppb, None if num_splits is None else num_splits[j], *d, item)[1]
-            for j, d in enumerate(dims)]
+  tiles = [_block_tokens(block_tokens[j]) if block_tokens is not None
+           else default_block_tokens(d[3], item, q.shape[2])
+           for j, (d, (q, _, _)) in enumerate(zip(dims, parts))]
+  iters = [-(-d[4] * d[2] // bs) for d, bs in zip(dims, tiles)]  # tiles of a full table
+  if num_splits is None:
+    fill = len(parts) > 1 and sum(d[0] for d in dims) * dims[0][1] >= TARGET_PROGRAMS
+    num_splits = [1 if fill else _default_splits(d[0], d[1], n) for d, n in zip(dims, iters)]
+  splits = tuple(max(1, min(int(p), n)) for p, n in zip(num_splits, iters))
   E = dims[0][3]
   return list(_paged(tuple(p[0] for p in parts), k_pages, v_pages, tuple(p[1] for p in parts),
-                     tuple(p[2] for p in parts), pages_per_block=ppb, num_splits=tuple(splits),
+                     tuple(p[2] for p in parts), block_tokens=tuple(tiles), num_splits=splits,
                      sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
                      out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages,
                      interpret=default_interpret() if interpret is None else bool(interpret),

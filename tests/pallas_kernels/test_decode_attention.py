@@ -178,19 +178,20 @@ def test_decode_compiled_gpu(dtype, with_mask, seed):
   assert np.allclose(np.asarray(lse), np.asarray(rlse), atol=1e-3)
 
 
-@pytest.mark.parametrize("G,ppb", [(1, 1), (4, 2), (8, 1), (3, 4), (20, 2)])
-def test_paged_decode_matches_numpy(G, ppb, seed, compiled):
+@pytest.mark.parametrize("G,S,bs", [(1, 16, 16), (4, 16, 32), (8, 32, 16), (3, 16, 64),
+                                    (20, 32, 32), (20, 16, None)])
+def test_paged_decode_matches_numpy(G, S, bs, seed, compiled):
   """Pages in a random order of the pool, each sequence its own table; the kernel reads the
-  pages through the table (ppb pages per iteration: gathered rows when > 1) against a float64
-  loop over the tokens in logical order."""
+  pages through the table (tiles of bs tokens: several pages' gathered rows when bs > S, part of
+  a page when bs < S) against a float64 loop over the tokens in logical order."""
   rng = np.random.default_rng(seed)
-  B, K, S, E, P, W = 3, 2, 16, 16, 12, 4
+  B, K, E, P, W = 3, 2, 16, 12, 4
   kp = rng.standard_normal((K, P, S, E)).astype(np.float32)
   vp = rng.standard_normal((K, P, S, E)).astype(np.float32)
   tables = np.stack([rng.permutation(P)[:W] for _ in range(B)]).astype(np.int32)
   q_pos = np.array([0, 37, W * S - 1], np.int32)  # one token, mid-page, every page full
   q = rng.standard_normal((B, K, G, E)).astype(np.float32)
-  o, lse = compiled(lambda *a: paged_decode_attention(*a, num_splits=2, pages_per_block=ppb),
+  o, lse = compiled(lambda *a: paged_decode_attention(*a, num_splits=2, block_tokens=bs),
                     q, kp, vp, tables, q_pos)
   for b in range(B):
     n = q_pos[b] + 1
@@ -220,14 +221,16 @@ def test_paged_decode_parts_in_one_launch_equal_each_alone(seed, compiled):
        np.array([0, 15, 16, 31, 20], np.int32))
   (oa, la), (ob, lb) = compiled(
       lambda *x: paged_decode_attention_parts([x[:3], x[3:]], kp, vp, num_splits=[3, 1],
-                                              pages_per_block=2), *a, *b)
+                                              block_tokens=[32, 16]), *a, *b)
   for (o, lse), part in (((oa, la), a), ((ob, lb), b)):
     want_o, want_lse = compiled(lambda *x: paged_decode_attention(*x, num_splits=1), part[0],
                                 kp, vp, *part[1:])
     np.testing.assert_allclose(np.asarray(o), np.asarray(want_o), atol=2e-5)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-5)
-  with pytest.raises(ValueError, match="one entry per part"):
+  with pytest.raises(ValueError, match="num_splits needs one entry per part"):
     paged_decode_attention_parts([a, b], kp, vp, num_splits=[2])
+  with pytest.raises(ValueError, match="block_tokens must be a power of two >= 16, got 24"):
+    paged_decode_attention_parts([a, b], kp, vp, block_tokens=[24, 16])
   with pytest.raises(ValueError, match="at least one part"):
     paged_decode_attention_parts([], kp, vp)
 
