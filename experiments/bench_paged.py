@@ -129,11 +129,11 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
   t_own = time_ms(part, (qs, kpool, vpool, jnp.asarray(suf, jnp.int32),
                          jnp.full((ns,), suffix - 1, jnp.int32)), repeats, inner=inner)
   # Both parts in one launch (what shared_paged_attention runs), the prefix part's tiles of
-  # 16, 32 (its default) and 64 tokens.
+  # 32, 64 (the default) and 128 tokens.
   own_args = (qs, jnp.asarray(suf, jnp.int32), jnp.full((ns,), suffix - 1, jnp.int32))
   pre_args = (rows, jnp.asarray(pre, jnp.int32), jnp.full((groups,), prefix - 1, jnp.int32))
   one_launch = {}
-  for bs in (16, 32, 64):
+  for bs in (32, 64, 128):
     fn = jax.jit(lambda a, b, kp, vp, bs=bs: paged_decode_attention_parts(
         [a, b], kp, vp, block_tokens=[bs, 64], out_dtype=jnp.float32))
     one_launch[str(bs)] = time_ms(fn, (pre_args, own_args, kpool, vpool), repeats, inner=inner)

@@ -453,12 +453,11 @@ def cache_decode_attention_reference(q, k, v, pos, q_pos, mask=None, *,
   return o.astype(q.dtype), lse
 
 
-def default_block_tokens(head_dim: int, itemsize: int = 2, rows: int = 1) -> int:
-  """Tokens each paged-kernel iteration reads: 64 (within MAX_TILE_BYTES) for a part of up to
-  MIN_ROWS query rows; 32 for parts of more (a prefix group's rows: their row tiles' scores and
-  the wider K / V tile would cost registers, which cap every program of the launch)."""
-  tokens = min(64, MAX_TILE_BYTES // (head_dim * itemsize))
-  return max(16, tokens // 2) if rows > MIN_ROWS else tokens
+def default_block_tokens(head_dim: int, itemsize: int = 2) -> int:
+  """Tokens each paged-kernel iteration reads: 64 (within MAX_TILE_BYTES), whatever the page
+  size (several small pages gathered, part of a large one). On an H200, prefix-group rows over
+  tiles of 32 or 16 tokens ran slower, not faster (results/paged_speed_gpu.json)."""
+  return max(16, min(64, MAX_TILE_BYTES // (head_dim * itemsize)))
 
 
 def _check_pages(q, k_pages, v_pages, tables):
@@ -526,8 +525,7 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   different shapes (a shared prefix's group rows over long tables, each sequence's own rows over
   short ones) keep the GPU busy together rather than one launch after the other.
 
-  block_tokens, num_splits: None or one int per part. Default tiles: default_block_tokens of the
-  part's rows. Default splits: for one part, enough programs to fill the GPU, each keeping >= 4
+  block_tokens, num_splits: None or one int per part. Default tiles: default_block_tokens. Default splits: for one part, enough programs to fill the GPU, each keeping >= 4
   tiles; for several parts, none while their programs together fill it (a split's partials
   cost a merge), else each part's own default.
   Returns a list of (o [B_j, K, G_j, E] in out_dtype (default q's), lse [B_j, K, G_j]
@@ -545,8 +543,7 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
       raise ValueError(f"{name} needs one entry per part ({len(parts)}), got {val!r}")
   item = k_pages.dtype.itemsize
   tiles = [_block_tokens(block_tokens[j]) if block_tokens is not None
-           else default_block_tokens(d[3], item, q.shape[2])
-           for j, (d, (q, _, _)) in enumerate(zip(dims, parts))]
+           else default_block_tokens(d[3], item) for j, d in enumerate(dims)]
   iters = [-(-d[4] * d[2] // bs) for d, bs in zip(dims, tiles)]  # tiles of a full table
   if num_splits is None:
     fill = len(parts) > 1 and sum(d[0] for d in dims) * dims[0][1] >= TARGET_PROGRAMS
