@@ -258,15 +258,19 @@ SPECS: dict[str, TableSpec] = {
                  ("paged / contiguous speed", "paged_over_contiguous_speed", _x),
                  ("per-sequence paged ms", "per_sequence_paged_ms", _ms),
                  ("shared-prefix ms", "shared_prefix_ms", _ms),
-                 ("prefix call ms", "shared_prefix_part_ms", _ms),
-                 ("own-pages call ms", "shared_own_part_ms", _ms),
+                 ("prefix part alone ms", "shared_prefix_part_ms", _ms),
+                 ("own part alone ms", "shared_own_part_ms", _ms),
                  ("shared-prefix speed-up", "shared_prefix_speedup", _x)),
         note=lambda p: (lambda r: f"Decode attention, bf16, {r.get('kv_heads')} KV heads x "
                         f"{r.get('group')} query heads, head dim {r.get('head_dim')}. Paged vs "
                         f"contiguous: batch {r.get('batch')}, {r.get('context')} tokens. "
                         f"Shared prefix: {r.get('groups')} groups x {r.get('per_group')} "
                         f"sequences, {r.get('prefix')}-token prefix + {r.get('suffix')}-token "
-                        f"suffix each. Median of samples of {r.get('inner_calls')} calls "
+                        f"suffix each; shared-prefix: the prefix part (a group's rows over its "
+                        f"prefix pages, once) and the own part (each sequence's suffix pages) "
+                        f"in one launch of the paged kernel, merged by log-sum-exp; the parts "
+                        f"alone: each in a launch of its own. Median of samples of "
+                        f"{r.get('inner_calls')} calls "
                         f"dispatched back to back.")(table_rows(p)[0])),
     "batch": TableSpec(
         columns=(("scheduler", "scheduler", _plain), ("KV pages", "num_pages", _plain),
