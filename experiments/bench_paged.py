@@ -119,8 +119,9 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
     return o[:, 0], lse[:, 0]
 
   t_shared = time_ms(shared, (qs, kpool, vpool), repeats, inner=inner)
-  # Its two parts, each in a launch of its own: the prefix part (a group's 16 x G query rows as the kernel's
-  # rows, over the group's prefix pages) and the own part (each sequence's suffix pages).
+  # Its two parts, each in a launch of its own: the prefix part (a group's 16 x G query rows
+  # as the kernel's rows, over the group's prefix pages) and the own part (each sequence's
+  # suffix pages).
   rows = qs.reshape(groups, per_group, k, g, e).transpose(0, 2, 1, 3, 4).reshape(
       groups, k, per_group * g, e)
   part = jax.jit(functools.partial(paged_decode_attention, out_dtype=jnp.float32))

@@ -525,9 +525,10 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   different shapes (a shared prefix's group rows over long tables, each sequence's own rows over
   short ones) keep the GPU busy together rather than one launch after the other.
 
-  block_tokens, num_splits: None or one int per part. Default tiles: default_block_tokens. Default splits: for one part, enough programs to fill the GPU, each keeping >= 4
-  tiles; for several parts, none while their programs together fill it (a split's partials
-  cost a merge), else each part's own default.
+  block_tokens, num_splits: None or one int per part. Default tiles: default_block_tokens.
+  Default splits: for one part, enough programs to fill the GPU, each keeping >= 4 tiles; for
+  several parts, none while their programs together fill it (a split's partials cost a merge),
+  else each part's own default.
   Returns a list of (o [B_j, K, G_j, E] in out_dtype (default q's), lse [B_j, K, G_j]
   float32), one per part.
   """
