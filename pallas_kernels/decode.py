@@ -154,8 +154,8 @@ def _gather_rows(ref, rows, live, interpret: bool):
 
 
 def _paged_part(h, split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, seq,
-                group: int, block_tokens: int, num_splits: int, kv_heads: int, page_size: int,
-                qk_scale: float, interpret: bool):
+                group: int, block_tokens: int, row_tile: int, num_splits: int, kv_heads: int,
+                page_size: int, qk_scale: float, interpret: bool):
   """One (sequence, KV head h, split) of a part: partial attention of its G query rows over a
   page table.
 
@@ -165,11 +165,11 @@ def _paged_part(h, split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_
   (row ((b * K + k) * P + p) * G + g); tokens past q_pos are not read. Each iteration reads a
   tile of block_tokens tokens: gathered rows of several pages when it is larger than a page
   (the tile a small page size would otherwise cut short), contiguous rows of one page when not.
-  The G rows run as tiles of MIN_ROWS (masked loads and stores past G) over each K / V tile
-  read once: many rows (a prefix group's queries) make independent small dots rather than one
-  tall one.
+  The G rows run as tiles of row_tile rows (masked loads and stores past G) over each K / V
+  tile read once: many rows (a prefix group's queries) make independent small dots, or one
+  tall one with row_tile >= G.
   """
-  s, bs, tr = page_size, block_tokens, MIN_ROWS
+  s, bs, tr = page_size, block_tokens, row_tile
   n_entries = table_ref.shape[0]
   tiles = -(-group // tr)
   q_row = (seq * kv_heads + h) * group
@@ -202,21 +202,21 @@ def _paged_part(h, split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_
     _store_rows(lse_ref, o_row + i * tr, live, lse)
 
 
-def _paged_kernel(*refs, parts: tuple[tuple[int, int, int, int, int], ...], **kw):
+def _paged_kernel(*refs, parts: tuple[tuple[int, int, int, int, int, int], ...], **kw):
   """All parts' programs in one launch (grid (K, sum of B_i * P_i)): program i runs part j's
   (sequence, split) when i falls in part j's range [offset, offset + B_j * P_j).
 
   refs: per part (q_pos, table, q), then k, v, then per part (o, lse); parts: per part
-  (offset, B, P, G, block tokens), static.
+  (offset, B, P, G, block tokens, row tile), static.
   """
   n = len(parts)
   ins, (k_ref, v_ref), outs = refs[:3 * n], refs[3 * n:3 * n + 2], refs[3 * n + 2:]
   h, i = pl.program_id(0), pl.program_id(1)  # (read here: not inside a pl.when)
-  for j, (offset, b, p, g, bs) in enumerate(parts):
+  for j, (offset, b, p, g, bs, tr) in enumerate(parts):
     local = jnp.clip(i - offset, 0, b * p - 1)
     run = functools.partial(_paged_part, h, local // b, *ins[3 * j:3 * j + 3], k_ref, v_ref,
                             *outs[2 * j:2 * j + 2], seq=local % b, group=g, block_tokens=bs,
-                            num_splits=p, **kw)
+                            row_tile=tr, num_splits=p, **kw)
     if n == 1:
       run()
     else:
@@ -293,21 +293,21 @@ def _seq_specs(offset: int, B: int, P: int, W: int):
   return [pl.BlockSpec((None, 1), seq), pl.BlockSpec((None, W), seq)]
 
 
-@functools.partial(jax.jit, static_argnames=("block_tokens", "num_splits", "sm_scale",
+@functools.partial(jax.jit, static_argnames=("block_tokens", "row_tiles", "num_splits", "sm_scale",
                                              "out_dtype", "num_warps", "num_stages", "interpret",
                                              "debug"))
-def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, num_splits, sm_scale,
+def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, row_tiles, num_splits, sm_scale,
            out_dtype, num_warps, num_stages, interpret, debug):
   """The paged kernel over parts (qs / tables / q_pos: tuples, part j [B_j, K, G_j, E] /
   [B_j, W_j] / [B_j]) in one launch; pages [K, P, S, E] read in place, queries and outputs as
-  flat unpadded rows (the interpreter gets MIN_ROWS rows of slack: its slices clamp), each
+  flat unpadded rows (the interpreter gets a row tile of slack: its slices clamp), each
   part's num_splits[j] splits merged."""
   kh, p, s, E = k_pages.shape
   k, v = k_pages.reshape(kh, p * s, E), v_pages.reshape(kh, p * s, E)
-  slack = MIN_ROWS if interpret else 0
+  slack = max(row_tiles) if interpret else 0
   args, in_specs, out_specs, out_shape, parts = [], [], [], [], []
   offset = 0
-  for q, t, qp_, n_split, bs in zip(qs, tables, q_pos, num_splits, block_tokens):
+  for q, t, qp_, n_split, bs, tr in zip(qs, tables, q_pos, num_splits, block_tokens, row_tiles):
     B, W = t.shape
     G = q.shape[2]
     qf = q.astype(k_pages.dtype).reshape(B * kh * G, E)
@@ -321,7 +321,7 @@ def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, num_splits, sm_
                   pl.BlockSpec((n_out,), lambda h, i: (0,))]
     out_shape += [jax.ShapeDtypeStruct((n_out, E), jnp.float32),
                   jax.ShapeDtypeStruct((n_out,), jnp.float32)]
-    parts.append((offset, B, n_split, G, bs))
+    parts.append((offset, B, n_split, G, bs, tr))
     offset += B * n_split
   kv_spec = pl.BlockSpec((None, p * s, E), lambda h, i: (h, 0, 0))
   res = pl.pallas_call(
@@ -332,7 +332,7 @@ def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, num_splits, sm_
       debug=debug, name="paged_decode_attention",
   )(*args, k, v)
   outs = []
-  for j, (q, (_, B, n_split, G, _)) in enumerate(zip(qs, parts)):
+  for j, (q, (_, B, n_split, G, _, _)) in enumerate(zip(qs, parts)):
     n = B * kh * n_split * G
     o = res[2 * j][:n].reshape(B, kh, n_split, G, E)
     lse = res[2 * j + 1][:n].reshape(B, kh, n_split, G)
@@ -480,6 +480,13 @@ def _check_pages(q, k_pages, v_pages, tables):
   return B, K, S, E, tables.shape[1]
 
 
+def _row_tile(rows) -> int:
+  tr = int(rows)
+  if tr < MIN_ROWS or not layouts.is_power_of_two(tr):
+    raise ValueError(f"row_tiles must be powers of two >= {MIN_ROWS}, got {rows!r}")
+  return tr
+
+
 def _block_tokens(block_tokens) -> int:
   bs = int(block_tokens)
   if bs < 16 or not layouts.is_power_of_two(bs):
@@ -515,7 +522,8 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
 
 
 def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | None = None,
-                                 block_tokens=None, num_splits=None, out_dtype=None,
+                                 block_tokens=None, row_tiles=None, num_splits=None,
+                                 out_dtype=None,
                                  num_warps: int = 4, num_stages: int = 2,
                                  interpret: bool | None = None, debug: bool = False):
   """paged_decode_attention of several parts over one pool in ONE kernel launch.
@@ -525,7 +533,8 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   different shapes (a shared prefix's group rows over long tables, each sequence's own rows over
   short ones) keep the GPU busy together rather than one launch after the other.
 
-  block_tokens, num_splits: None or one int per part. Default tiles: default_block_tokens.
+  block_tokens, row_tiles, num_splits: None or one int per part. Default tiles:
+  default_block_tokens tokens and MIN_ROWS rows (row tiles: powers of two >= 16).
   Default splits: for one part, enough programs to fill the GPU, each keeping >= 4 tiles; for
   several parts, none while their programs together fill it (a split's partials cost a merge),
   else each part's own default.
@@ -539,7 +548,8 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
     if getattr(q_pos, "shape", None) != (B,) or not jnp.issubdtype(q_pos.dtype, jnp.integer):
       raise ValueError(f"q_pos must be an int [B={B}] array, got "
                        f"{getattr(q_pos, 'shape', None)}")
-  for name, val in (("block_tokens", block_tokens), ("num_splits", num_splits)):
+  for name, val in (("block_tokens", block_tokens), ("row_tiles", row_tiles),
+                    ("num_splits", num_splits)):
     if val is not None and len(val) != len(parts):
       raise ValueError(f"{name} needs one entry per part ({len(parts)}), got {val!r}")
   item = k_pages.dtype.itemsize
@@ -552,7 +562,9 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   splits = tuple(max(1, min(int(p), n)) for p, n in zip(num_splits, iters))
   E = dims[0][3]
   return list(_paged(tuple(p[0] for p in parts), k_pages, v_pages, tuple(p[1] for p in parts),
-                     tuple(p[2] for p in parts), block_tokens=tuple(tiles), num_splits=splits,
+                     tuple(p[2] for p in parts), block_tokens=tuple(tiles),
+                     row_tiles=tuple(_row_tile(r) for r in row_tiles or [MIN_ROWS] * len(parts)),
+                     num_splits=splits,
                      sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
                      out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages,
                      interpret=default_interpret() if interpret is None else bool(interpret),

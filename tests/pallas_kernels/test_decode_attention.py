@@ -207,8 +207,8 @@ def test_paged_decode_matches_numpy(G, S, bs, seed, compiled):
 
 
 def test_paged_decode_parts_in_one_launch_equal_each_alone(seed, compiled):
-  """Two parts of different rows, table widths and splits (a prefix group's many rows over
-  long tables, single sequences over short ones) in one launch: each equals its own launch,
+  """Two parts of different rows, table widths, tiles and splits (a prefix group's many rows
+  over long tables, single sequences over short ones) in one launch: each equals its own launch,
   and its own launch the float64 loop of test_paged_decode_matches_numpy."""
   rng = np.random.default_rng(seed)
   K, S, E, P = 2, 16, 16, 20
@@ -219,9 +219,10 @@ def test_paged_decode_parts_in_one_launch_equal_each_alone(seed, compiled):
   b = (rng.standard_normal((5, K, 3, E)).astype(np.float32),
        np.stack([rng.permutation(P)[:2] for _ in range(5)]).astype(np.int32),
        np.array([0, 15, 16, 31, 20], np.int32))
-  (oa, la), (ob, lb) = compiled(
+  (oa, la), (ob, lb) = compiled(  # part a's 20 rows as one tile of 32 (12 masked)
       lambda *x: paged_decode_attention_parts([x[:3], x[3:]], kp, vp, num_splits=[3, 1],
-                                              block_tokens=[32, 16]), *a, *b)
+                                              block_tokens=[32, 16], row_tiles=[32, 16]),
+      *a, *b)
   for (o, lse), part in (((oa, la), a), ((ob, lb), b)):
     want_o, want_lse = compiled(lambda *x: paged_decode_attention(*x, num_splits=1), part[0],
                                 kp, vp, *part[1:])
@@ -231,6 +232,8 @@ def test_paged_decode_parts_in_one_launch_equal_each_alone(seed, compiled):
     paged_decode_attention_parts([a, b], kp, vp, num_splits=[2])
   with pytest.raises(ValueError, match="block_tokens must be a power of two >= 16, got 24"):
     paged_decode_attention_parts([a, b], kp, vp, block_tokens=[24, 16])
+  with pytest.raises(ValueError, match="row_tiles must be powers of two >= 16, got 8"):
+    paged_decode_attention_parts([a, b], kp, vp, row_tiles=[8, 16])
   with pytest.raises(ValueError, match="at least one part"):
     paged_decode_attention_parts([], kp, vp)
 
