@@ -30,6 +30,7 @@ from kvcache.pool import PagePool
 from kvcache.radix import RadixTree
 from pallas_kernels.decode import (
     cache_decode_attention,
+    default_block_tokens,
     paged_decode_attention,
     paged_decode_attention_parts,
 )
@@ -136,7 +137,8 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
   one_launch = {}
   for bs in (32, 64, 128):
     fn = jax.jit(lambda a, b, kp, vp, bs=bs: paged_decode_attention_parts(
-        [a, b], kp, vp, block_tokens=[bs, 64], out_dtype=jnp.float32))
+        [a, b], kp, vp, block_tokens=[bs, default_block_tokens(e, 2, g)],
+        out_dtype=jnp.float32))
     one_launch[str(bs)] = time_ms(fn, (pre_args, own_args, kpool, vpool), repeats, inner=inner)
   o_ref = per_seq(*per_args)
   o_sh = shared(qs, kpool, vpool)

@@ -453,11 +453,13 @@ def cache_decode_attention_reference(q, k, v, pos, q_pos, mask=None, *,
   return o.astype(q.dtype), lse
 
 
-def default_block_tokens(head_dim: int, itemsize: int = 2) -> int:
-  """Tokens each paged-kernel iteration reads: 64 (within MAX_TILE_BYTES), whatever the page
-  size (several small pages gathered, part of a large one). On an H200, prefix-group rows over
-  tiles of 32 or 16 tokens ran slower, not faster (results/paged_speed_gpu.json)."""
-  return max(16, min(64, MAX_TILE_BYTES // (head_dim * itemsize)))
+def default_block_tokens(head_dim: int, itemsize: int = 2, rows: int = 1) -> int:
+  """Tokens each paged-kernel iteration reads, whatever the page size (several small pages
+  gathered, part of a large one): up to 128 (within MAX_TILE_BYTES) for a part of at most
+  MIN_ROWS query rows, 64 for more (a prefix group's rows). On an H200, prefix rows over tiles
+  of 32 or 128 tokens ran slower than over 64 (results/paged_speed_gpu.json)."""
+  cap = 128 if rows <= MIN_ROWS else 64
+  return max(16, min(cap, MAX_TILE_BYTES // (head_dim * itemsize)))
 
 
 def _check_pages(q, k_pages, v_pages, tables):
@@ -554,7 +556,8 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
       raise ValueError(f"{name} needs one entry per part ({len(parts)}), got {val!r}")
   item = k_pages.dtype.itemsize
   tiles = [_block_tokens(block_tokens[j]) if block_tokens is not None
-           else default_block_tokens(d[3], item) for j, d in enumerate(dims)]
+           else default_block_tokens(d[3], item, q.shape[2])
+           for j, (d, (q, _, _)) in enumerate(zip(dims, parts))]
   iters = [-(-d[4] * d[2] // bs) for d, bs in zip(dims, tiles)]  # tiles of a full table
   if num_splits is None:
     fill = len(parts) > 1 and sum(d[0] for d in dims) * dims[0][1] >= TARGET_PROGRAMS
