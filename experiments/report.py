@@ -3,6 +3,7 @@
 Each `results/<name>_<backend>.json` (see experiments/results.py) becomes one markdown table,
 followed by a line naming the device, JAX version, commit and date. In the README a table lives
 between `<!-- results:train_gpu:begin -->` and `<!-- results:train_gpu:end -->` (the file stem).
+The issues' targets table (`results:targets`, experiments/targets.py) is generated the same way.
 
   python -m experiments report                     # rewrite the tables in README.md
   python -m experiments report --check             # exit 1 if README.md is out of date (CI)
@@ -476,8 +477,15 @@ def load_results(results_dir: str | Path) -> dict[str, dict]:
 
 
 def render_tables(results_dir: str | Path) -> dict[str, str]:
-  """{file stem, e.g. 'train_gpu': markdown table with its environment line} for results/*.json."""
-  return {stem: render_table(p) for stem, p in load_results(results_dir).items()}
+  """{file stem, e.g. 'train_gpu': markdown table with its environment line} for results/*.json,
+  and 'targets': the issues' targets against those files (experiments.targets), when any of
+  the files it reads is there."""
+  from experiments.targets import TARGETS, render_targets
+  payloads = load_results(results_dir)
+  tables = {stem: render_table(p) for stem, p in payloads.items()}
+  if any(s in payloads for t in TARGETS for s in t.sources):
+    tables["targets"] = render_targets(payloads)
+  return tables
 
 
 # README -------------------------------------------------------------------------------------------
@@ -528,7 +536,8 @@ def update_readme(readme_path: str | Path, results_dir: str | Path, *,
   text = path.read_text()
   tables = render_tables(results_dir)
   new, updated, no_file = fill_markers(text, tables)
-  no_marker = sorted(set(tables) - {m.group("name") for m in MARKER.finditer(text)})
+  no_marker = sorted(set(tables) - {m.group("name") for m in MARKER.finditer(text)}
+                     - {"targets"})  # a README may leave the targets table out
   if write and new != text:
     path.write_text(new)
   return ReadmeUpdate(changed=new != text, updated=updated, no_file=no_file, no_marker=no_marker)

@@ -33,7 +33,7 @@ def results_dir(tmp_path):
 
 def test_render_tables_formats_numbers(results_dir):
   tables = report.render_tables(results_dir)
-  assert sorted(tables) == ["attention_cpu", "decode_gpu", "train_gpu"]
+  assert sorted(tables) == ["attention_cpu", "decode_gpu", "targets", "train_gpu"]
   train = tables["train_gpu"]
   for cell in ("| base | 16,16 | 103M | 32 | 1024 | bfloat16 | 91.41 | 358,471 | 24.5% |",
                "NVIDIA H200, JAX 0.11.2, commit 01234567, 2026-11-26.", "989 TFLOP/s"):
