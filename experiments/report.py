@@ -273,6 +273,16 @@ SPECS: dict[str, TableSpec] = {
                         f"alone: each in a launch of its own. Median of samples of "
                         f"{r.get('inner_calls')} calls "
                         f"dispatched back to back.")(table_rows(p)[0])),
+    "triton_attention": TableSpec(
+        columns=(("impl", "impl", _plain), ("layout", "layout", _plain), ("T", "T", _plain),
+                 ("forward GFLOP", "fwd_gflop", _plain), ("forward ms", "fwd_ms", _ms),
+                 ("TFLOP/s", "fwd_tflops", lambda v: f"{v:.1f}"), ("error", "error", _plain)),
+        note=lambda p: "Checked against the float32 reference (max relative error of o) at "
+                       "their own length, not at each row's: " + "; ".join(
+                           f"{c.get('impl')} {c.get('layout')} at T = {c.get('T')}: "
+                           + (f"{c['max_rel_err']:.1e}" if c.get("max_rel_err") is not None
+                              else str(c.get("error", "failed"))[:80])
+                           for c in p.get("checks") or []) + "."),
     "batch": TableSpec(
         columns=(("scheduler", "scheduler", _plain), ("KV pages", "num_pages", _plain),
                  ("tokens/s", "total_tokens_per_s", _rate),
