@@ -208,6 +208,13 @@ def _ets(p: Payloads, widths=(64, 256)) -> list[dict]:
           for w in widths if (w, "ets") in s and (w, "rebase") in s]
 
 
+_SEARCH_METHODS = ("best_of_n", "beam", "dvts", "rebase", "ets")
+
+
+def _search_gain(p: Payloads, method: str, width: int = 64) -> float:
+  return 100 * (_search(p)[(width, method)]["accuracy_vote"] - p["search_gpu"]["greedy_accuracy"])
+
+
 def _paged(p: Payloads) -> list[dict]:
   return _rows(p["paged_speed_gpu"])
 
@@ -297,6 +304,12 @@ TARGETS: tuple[Target, ...] = (
            lambda p: _join([_search(p).get((w, "ets"), {}).get("ilp_share") for w in
                             (16, 64, 256)], _pct),
            lambda p: all(r["ilp_share"] < 0.1 for r in _ets(p, (16, 64, 256)))),
+    Target("search at width 64 over the policy's greedy accuracy (weighted vote, points)",
+           "≥ +15 points", ("search_gpu",),
+           lambda p: ", ".join(f"{m} {_search_gain(p, m):+.1f}" for m in _SEARCH_METHODS
+                               if (64, m) in _search(p)),
+           lambda p: any(_search_gain(p, m) >= 15 for m in _SEARCH_METHODS
+                         if (64, m) in _search(p))),
     Target("paged decode kernel vs the contiguous one, by page size", "≥ 0.85x",
            ("paged_speed_gpu",),
            lambda p: ", ".join(f"{_x(r['paged_over_contiguous_speed'])} (page "
