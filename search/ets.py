@@ -81,8 +81,9 @@ class SelectionProblem:
   """One step's candidates and the tree above them.
 
   Attributes:
-    paths: M tuples of ancestor node ids in [0, N), the root/prompt excluded (empty for a child
-      of the root); every id 0..N-1 lies on some path.
+    paths: M tuples of ancestor node ids in [0, N), from the top (a child of the root) down to
+      the candidate's parent, the root/prompt excluded (empty for a child of the root); every
+      id 0..N-1 lies on some path, and the paths agree on each node's parent (a tree).
     labels: [M] int cluster label of each candidate's step (any ints; K = distinct labels).
     shares: [M] float O_i, REBASE's share of candidate i; None until ets_allocate fills it.
     leaf_tokens: [M] token count of each candidate's step (node_cost "tokens").
@@ -120,6 +121,12 @@ class SelectionProblem:
       missing = sorted(set(range(n)) - set(used))[:5]
       raise ValueError(f"every node 0..{n - 1} must be some candidate's ancestor; "
                        f"{missing} are on no path")
+    parent: dict[int, int] = {}
+    for p in paths:
+      for above, j in zip((-1,) + p[:-1], p):
+        if parent.setdefault(j, above) != above:
+          raise ValueError(f"the paths disagree on node {j}'s parent ({parent[j]} and {above}): "
+                           f"they must describe a tree, top first")
     for name, k in (("leaf_tokens", m), ("node_tokens", n)):
       t = getattr(self, name)
       if t is not None:
@@ -280,11 +287,12 @@ def solve(problem: SelectionProblem, cfg: ETSConfig, width: int | None = None) -
   objective = prog.gain @ x + prog.cover * cp.sum(c)
   if n:
     y = cp.Variable(n, boolean=True)
-    leaf, node = np.nonzero(prog.incidence)
+    leaf_parent, node_parent = _parents(problem)
     pick = lambda idx, size: sp.csr_matrix(
         (np.ones(idx.size), (np.arange(idx.size), idx)), shape=(idx.size, size))
-    cons += [pick(leaf, m) @ x <= pick(node, n) @ y,
-             y <= sp.csr_matrix(prog.incidence.T.astype(np.float64)) @ x]
+    li, ni = np.flatnonzero(leaf_parent >= 0), np.flatnonzero(node_parent >= 0)
+    cons += [pick(li, m) @ x <= pick(leaf_parent[li], n) @ y,
+             pick(ni, n) @ y <= pick(node_parent[ni], n) @ y]
     objective = objective - prog.cost @ y
   program = cp.Problem(cp.Maximize(objective), cons)
   # Zero gaps: tests compare against solve_brute, and these programs solve at the root anyway.
@@ -302,39 +310,64 @@ def solve_scipy(problem: SelectionProblem, cfg: ETSConfig, width: int | None = N
     from scipy.optimize import Bounds, LinearConstraint, milp
   except ImportError as e:
     raise ImportError("search.ets.solve_scipy needs scipy >= 1.9 (scipy.optimize.milp)") from e
-  import scipy.sparse as sp
   start = time.perf_counter()
   prog = _program(problem, cfg, width)
   m, n = prog.incidence.shape
+  size = m + n + prog.member.shape[1]
   k = prog.member.shape[1]
-  size = m + n + k
-  leaf, node = np.nonzero(prog.incidence)
-  e = leaf.size
-  rows = [sp.csr_matrix(np.r_[np.ones(m), np.zeros(n + k)][None])]  # sum x >= 1
-  lower, upper = [1.0], [np.inf]
-  # c_k - sum_{i in C_k} x_i <= 0
-  rows.append(sp.hstack([-sp.csr_matrix(prog.member.T.astype(np.float64)),
-                         sp.csr_matrix((k, n)), sp.identity(k)]))
-  lower += [-np.inf] * k
-  upper += [0.0] * k
-  if n:
-    # x_i - y_j <= 0 for each ancestor j of i
-    rows.append(sp.hstack([sp.csr_matrix((np.ones(e), (np.arange(e), leaf)), shape=(e, m)),
-                           -sp.csr_matrix((np.ones(e), (np.arange(e), node)), shape=(e, n)),
-                           sp.csr_matrix((e, k))]))
-    # y_j - sum of x over the leaves under j <= 0
-    rows.append(sp.hstack([-sp.csr_matrix(prog.incidence.T.astype(np.float64)),
-                           sp.identity(n), sp.csr_matrix((n, k))]))
-    lower += [-np.inf] * (e + n)
-    upper += [0.0] * (e + n)
-  a = sp.vstack(rows).tocsr()
+  a, lower, upper = _chain_rows(problem, prog)
   objective = -np.concatenate([prog.gain, -prog.cost, np.full(k, prog.cover)])  # milp minimises
-  res = milp(objective, constraints=LinearConstraint(a, lower, upper),
-             integrality=np.ones(size), bounds=Bounds(0, 1),
+  cons = LinearConstraint(a, lower, upper)
+  # The LP relaxation first: over these trees it is mostly integral, and an integral LP optimum
+  # is the program's optimum; else the MILP.
+  lp = milp(objective, constraints=cons, integrality=np.zeros(size), bounds=Bounds(0, 1))
+  if lp.status == 0 and lp.x is not None:
+    x = np.asarray(lp.x[:m]) > 0.5
+    if x.any() and np.abs(lp.x - np.round(lp.x)).max() <= 1e-9:
+      sel = _selection(prog, x, start)
+      if abs(sel.objective + lp.fun) <= 1e-9 * max(1.0, abs(lp.fun)):
+        return sel
+  res = milp(objective, constraints=cons, integrality=np.ones(size), bounds=Bounds(0, 1),
              options={"mip_rel_gap": 0.0})
   if res.status != 0 or res.x is None:
     raise RuntimeError(f"HiGHS (scipy.optimize.milp) returned status {res.status}: {res.message}")
   return _selection(prog, np.asarray(res.x[:m]) > 0.5, start)
+
+
+def _parents(problem: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
+  """(parent node of each candidate [M], of each ancestor node [N]; -1: under the root)."""
+  node_parent = np.full(problem.num_nodes, -1, np.int64)
+  for path in problem.paths:
+    node_parent[list(path[1:])] = path[:-1]
+  leaf_parent = np.array([path[-1] if path else -1 for path in problem.paths], np.int64)
+  return leaf_parent, node_parent
+
+
+def _chain_rows(problem: SelectionProblem, prog: _Program):
+  """The constraints over z = [x (M), y (N), c (K)] as (sparse A, lower, upper): sum x >= 1;
+  c_k <= sum_{i in C_k} x_i; x_i <= y_parent(i) and y_j <= y_parent(j) (with the parents'
+  chains these imply x_i <= y_j for every ancestor j). y_j <= sum of the leaves under j is left
+  out: y costs lambda_b / (M + N) b_j >= 0, so an optimum never keeps a node without a kept leaf
+  where that costs anything, and the Selection reads y off x in any case."""
+  import scipy.sparse as sp
+  m, n = prog.incidence.shape
+  k = prog.member.shape[1]
+  leaf_parent, node_parent = _parents(problem)
+  li, ni = np.flatnonzero(leaf_parent >= 0), np.flatnonzero(node_parent >= 0)
+  mi, mk = np.nonzero(prog.member)
+  r_cov, r_leaf, r_node = 1, 1 + k, 1 + k + li.size
+  rows = np.concatenate([np.zeros(m), r_cov + mk, r_cov + np.arange(k), r_leaf + np.arange(li.size),
+                         r_leaf + np.arange(li.size), r_node + np.arange(ni.size),
+                         r_node + np.arange(ni.size)])
+  cols = np.concatenate([np.arange(m), mi, m + n + np.arange(k), li, m + leaf_parent[li],
+                         m + ni, m + node_parent[ni]])
+  vals = np.concatenate([np.ones(m), -np.ones(mi.size), np.ones(k), np.ones(li.size),
+                         -np.ones(li.size), np.ones(ni.size), -np.ones(ni.size)])
+  n_rows = r_node + ni.size
+  a = sp.csr_matrix((vals, (rows, cols)), shape=(n_rows, m + n + k))
+  lower = np.r_[1.0, np.full(n_rows - 1, -np.inf)]
+  upper = np.r_[np.inf, np.zeros(n_rows - 1)]
+  return a, lower, upper
 
 
 def ets_allocate(scores: Sequence[float] | np.ndarray, problem: SelectionProblem, width: int,

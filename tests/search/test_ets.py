@@ -205,6 +205,7 @@ def _bad_problem(**kw):
     (lambda: _bad_problem(labels=[0]), "labels must be 1-D of length 2"),
     (lambda: _bad_problem(shares=[0.5, float("inf")]), "shares must be finite"),
     (lambda: _bad_problem(paths=((0,), (0, 2))), "every node 0..2 must be"),
+    (lambda: _bad_problem(paths=((0, 1), (1, 0))), "disagree on node 1's parent"),
     (lambda: _bad_problem(num_nodes=1), r"ancestor ids must lie in \[0, 1\)"),
     (lambda: _bad_problem(node_tokens=[3]), r"ancestor ids must lie in \[0, 1\)"),
     (lambda: _bad_problem(leaf_tokens=[3, -1]), "leaf_tokens must be finite and >= 0"),
@@ -263,3 +264,17 @@ def test_cluster_hand_cases():
 def test_cluster_rejects_bad_inputs(e, distance, match):
   with pytest.raises(ValueError, match=match):
     cluster(e, distance)
+
+
+@pytest.mark.parametrize("m,levels,seed", [(64, (8, 16, 32, 48), 0), (64, (8, 16, 32, 48), 1),
+                                           (256, (30, 60, 90, 120, 140, 160), 2)])
+def test_scipy_lp_first_equals_the_cvxpy_milp(m, levels, seed):
+  """solve_scipy solves the LP relaxation first and keeps it only when integral (seed 1 at
+  M = 64 is fractional: the MILP runs); both paths reach cvxpy's MILP optimum."""
+  print(f"seed={seed}")
+  prob = _random_problem(m, levels, seed)
+  for node_cost in ("uniform", "tokens"):
+    cfg = ETSConfig(node_cost=node_cost)
+    a, b = solve_scipy(prob, cfg, m), solve(prob, cfg, m)
+    _check(prob, a, cfg, m)
+    assert a.objective == pytest.approx(b.objective, abs=1e-7)
