@@ -12,13 +12,20 @@ attention (ops/gpu/attention.mha, causal). Forward and forward+backward times ar
 --repeats host-timed calls after warm-up; TFLOP/s counts only the blocks computed (dense causal:
 the lower triangle). Backward = (forward+backward) - forward, at 2.5x the forward FLOPs.
 Correctness of the compiled kernels against the float32 reference runs first (--check).
+With --peer dkernel, DKernel (the S2 paper's Triton kernels, from its source folder: never part
+of the project) is timed at the same lengths and strides in the same run, in a PyTorch process
+of its own (experiments/peer_dkernel.py), and its rows join the results file.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -38,10 +45,40 @@ from pallas_kernels import (
   s2_layout,
 )
 
-# DKernel (the S2 paper's Triton library) on one H200, B=4, H=16, E=128, bf16, block 64,
-# local 512, vertical stride 16: milliseconds by sequence length (from the issue).
-DKERNEL_MS = {"fwd": {8192: 0.58, 32768: 4.3, 65536: 13.7},
-              "bwd": {8192: 2.6, 32768: 18.0, 65536: 55.5}}
+# Where `--peer dkernel` looks for DKernel's source when --peer-path is not given: $EFFLLM_DKERNEL,
+# then an ignored folder of the checkout (what the GPU machine is sent), then the shared copy.
+DKERNEL_PATHS = (".peers/dkernel", "../shared/peers/dkernel")
+PEER_SCRIPT = Path(__file__).with_name("peer_dkernel.py")
+
+
+def dkernel_path(path: str | None = None) -> Path:
+  """DKernel's repository folder: `path`, $EFFLLM_DKERNEL or the first of DKERNEL_PATHS that
+  holds the package; FileNotFoundError naming where it looked."""
+  tried = [path] if path else [p for p in (os.environ.get("EFFLLM_DKERNEL"),) if p] + list(
+      DKERNEL_PATHS)
+  for t in tried:
+    if (Path(t).expanduser() / "dkernel" / "__init__.py").is_file():
+      return Path(t).expanduser()
+  raise FileNotFoundError(f"--peer dkernel needs DKernel's source (its repository folder, "
+                          f"holding dkernel/__init__.py); looked in {tried}: pass --peer-path")
+
+
+def peer_rows(path: Path, seqs: list[int], strides: list[int], batch: int, heads: int,
+              python: str = sys.executable) -> list[dict]:
+  """DKernel's rows (experiments/peer_dkernel.py in a PyTorch process of its own), one per
+  (length, stride); a failed size comes back as a row with an error."""
+  cmd = [python, str(PEER_SCRIPT), "--path", str(path), "--seq", ",".join(map(str, seqs)),
+         "--strides", ",".join(map(str, strides)), "--batch", str(batch), "--heads", str(heads)]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  if proc.returncode != 0 or not rows:
+    raise RuntimeError(f"the DKernel process failed (exit {proc.returncode}): "
+                       f"{proc.stderr.strip()[-2000:]}")
+  for r in rows:
+    peer = r.pop("peer", None)
+    if peer:
+      r["source"] = f"DKernel, torch {peer['torch']}, triton {peer['triton']}, same run"
+  return rows
 
 
 def time_ms(fn, args, repeats: int, warmup: int = 2, inner: int = 1) -> float:
@@ -279,6 +316,13 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--stages-fwd", type=int, default=3)
   p.add_argument("--warps-bwd", type=int, default=None)
   p.add_argument("--stages-bwd", type=int, default=2)
+  p.add_argument("--peer", choices=("dkernel",), default=None,
+                 help="also time DKernel (the S2 paper's kernels) on this GPU in this run, in a "
+                      "PyTorch process of its own, at the same lengths and strides")
+  p.add_argument("--peer-path", default=None,
+                 help=f"DKernel's repository folder (default $EFFLLM_DKERNEL, then "
+                      f"{', '.join(DKERNEL_PATHS)})")
+  p.add_argument("--peer-python", default=sys.executable, help="the Python that has PyTorch")
   p.add_argument("--out", default=None, help="results folder (default results/)")
   args = p.parse_args(argv)
   t_start = time.perf_counter()
@@ -287,8 +331,14 @@ def main(argv: list[str] | None = None) -> dict:
   gpu = jax.default_backend() == "gpu"
   tiles = BlockSparseTiles(num_warps_fwd=args.warps_fwd, num_stages_fwd=args.stages_fwd,
                            num_warps_bwd=args.warps_bwd, num_stages_bwd=args.stages_bwd)
+  peer: dict[int, list[dict]] = {}
+  if args.peer:  # first, before JAX takes the GPU's memory
+    for r in peer_rows(dkernel_path(args.peer_path), seqs, strides, args.batch, args.heads,
+                       args.peer_python):
+      print(r, flush=True)
+      peer.setdefault(r["T"], []).append(r)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-  payload: dict = {"config": vars(args), "dkernel_h200_ms": DKERNEL_MS, "rows": []}
+  payload: dict = {"config": vars(args), "rows": []}
   if not args.no_check:
     payload["check"] = check_kernels(interpret=not gpu)
     print("check", payload["check"], flush=True)
@@ -324,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
       print(row, flush=True)
       payload["rows"].append(row)
     del q, k, v, do
+    payload["rows"] += peer.pop(T, [])
     _summarise(payload)
     path = write_results("attention", payload, out_dir)  # after every size: partial results
   path = write_results("attention", payload, out_dir)
@@ -347,9 +398,11 @@ def _summarise(payload: dict) -> None:
     s["bwd_of_ideal"] = s["bwd_speedup"] / ideal
     s["fwd_vs_cudnn_tflops"] = r["fwd_tflops"] / dense["fwd_tflops"]
     s["bwd_vs_cudnn_tflops"] = r["bwd_tflops"] / dense["bwd_tflops"]
-    if impl == "ours_s2_vs16" and T in DKERNEL_MS["fwd"]:
-      s["dkernel_fwd_ms"] = DKERNEL_MS["fwd"][T]
-      s["dkernel_bwd_ms"] = DKERNEL_MS["bwd"][T]
+    dk = by.get(("dkernel" + impl[len("ours"):], T))  # the same stride, timed in this run
+    if dk:
+      s["dkernel_fwd_ms"], s["dkernel_bwd_ms"] = dk["fwd_ms"], dk["bwd_ms"]
+      s["fwd_vs_dkernel"] = dk["fwd_ms"] / r["fwd_ms"]
+      s["bwd_vs_dkernel"] = dk["bwd_ms"] / r["bwd_ms"]
     summary.append(s)
   payload["summary"] = summary
 
@@ -358,13 +411,14 @@ def _print_table(payload: dict) -> None:
   print(f"\n{'impl':<20}{'T':>8}{'fwd ms':>10}{'fwd TF/s':>10}{'bwd ms':>10}{'bwd TF/s':>10}")
   for r in payload["rows"]:
     if "fwd_ms" in r:
-      print(f"{r['impl']:<20}{r['T']:>8}{r['fwd_ms']:>10.3f}{r['fwd_tflops']:>10.1f}"
-            f"{r['bwd_ms']:>10.3f}{r['bwd_tflops']:>10.1f}")
+      tf = {k: f"{r[k]:>10.1f}" if k in r else f"{'-':>10}" for k in ("fwd_tflops", "bwd_tflops")}
+      print(f"{r['impl']:<20}{r['T']:>8}{r['fwd_ms']:>10.3f}{tf['fwd_tflops']}"
+            f"{r['bwd_ms']:>10.3f}{tf['bwd_tflops']}")
     else:
       print(f"{r['impl']:<20}{r['T']:>8}  error: {r.get('error', '')[:60]}")
   for s in payload.get("summary", []):
-    extra = (f"  DKernel fwd {s['dkernel_fwd_ms']} ms bwd {s['dkernel_bwd_ms']} ms"
-             if "dkernel_fwd_ms" in s else "")
+    extra = (f"  vs DKernel: fwd {s['fwd_vs_dkernel']:.2f}x bwd {s['bwd_vs_dkernel']:.2f}x"
+             if "fwd_vs_dkernel" in s else "")
     print(f"{s['impl']:<14}{s['T']:>7} ideal {s['ideal']:5.1f}x  fwd {s['fwd_speedup']:5.1f}x "
           f"({s['fwd_of_ideal']:.2f})  bwd {s['bwd_speedup']:5.1f}x ({s['bwd_of_ideal']:.2f})"
           f"{extra}")
