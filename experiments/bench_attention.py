@@ -328,15 +328,15 @@ def main(argv: list[str] | None = None) -> dict:
   t_start = time.perf_counter()
   seqs = [4096, 8192] if args.quick else [int(s) for s in args.seq.split(",")]
   strides = [int(s) for s in args.strides.split(",")]
-  gpu = jax.default_backend() == "gpu"
-  tiles = BlockSparseTiles(num_warps_fwd=args.warps_fwd, num_stages_fwd=args.stages_fwd,
-                           num_warps_bwd=args.warps_bwd, num_stages_bwd=args.stages_bwd)
   peer: dict[int, list[dict]] = {}
-  if args.peer:  # first, before JAX takes the GPU's memory
+  if args.peer:  # first, before anything starts JAX's backend and it takes the GPU's memory
     for r in peer_rows(dkernel_path(args.peer_path), seqs, strides, args.batch, args.heads,
                        args.peer_python):
       print(r, flush=True)
       peer.setdefault(r["T"], []).append(r)
+  gpu = jax.default_backend() == "gpu"
+  tiles = BlockSparseTiles(num_warps_fwd=args.warps_fwd, num_stages_fwd=args.stages_fwd,
+                           num_warps_bwd=args.warps_bwd, num_stages_bwd=args.stages_bwd)
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
   payload: dict = {"config": vars(args), "rows": []}
   if not args.no_check:
