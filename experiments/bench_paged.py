@@ -16,7 +16,6 @@ results/paged_memory_<backend>.json.
 from __future__ import annotations
 
 import argparse
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -125,15 +124,14 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
   # suffix pages).
   rows = qs.reshape(groups, per_group, k, g, e).transpose(0, 2, 1, 3, 4).reshape(
       groups, k, per_group * g, e)
-  part = jax.jit(functools.partial(paged_decode_attention, out_dtype=jnp.float32))
-  t_prefix = time_ms(part, (rows, kpool, vpool, jnp.asarray(pre, jnp.int32),
-                            jnp.full((groups,), prefix - 1, jnp.int32)), repeats, inner=inner)
-  t_own = time_ms(part, (qs, kpool, vpool, jnp.asarray(suf, jnp.int32),
-                         jnp.full((ns,), suffix - 1, jnp.int32)), repeats, inner=inner)
+  pre_args = (rows, jnp.asarray(pre, jnp.int32), jnp.full((groups,), prefix - 1, jnp.int32))
+  own_args = (qs, jnp.asarray(suf, jnp.int32), jnp.full((ns,), suffix - 1, jnp.int32))
+  alone = jax.jit(lambda a, kp, vp: paged_decode_attention_parts([a], kp, vp,
+                                                                 out_dtype=jnp.float32)[0])
+  t_prefix = time_ms(alone, (pre_args, kpool, vpool), repeats, inner=inner)
+  t_own = time_ms(alone, (own_args, kpool, vpool), repeats, inner=inner)
   # Both parts in one launch (what shared_paged_attention runs), the prefix part's tiles of
   # 32, 64 (the default) and 128 tokens.
-  own_args = (qs, jnp.asarray(suf, jnp.int32), jnp.full((ns,), suffix - 1, jnp.int32))
-  pre_args = (rows, jnp.asarray(pre, jnp.int32), jnp.full((groups,), prefix - 1, jnp.int32))
   one_launch = {}
   for bs in (32, 64, 128):
     fn = jax.jit(lambda a, b, kp, vp, bs=bs: paged_decode_attention_parts(

@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+# report imports this module inside render_tables, so this import closes no cycle at load time.
+from experiments.report import _pct, _x, environment_line, press_rows
+
 Payloads = dict[str, dict]
 
 
@@ -32,14 +35,6 @@ class Target:
 
 def _rows(p: dict, key: str = "rows") -> list[dict]:
   return [r for r in p.get(key) or [] if isinstance(r, dict)]
-
-
-def _pct(v: float) -> str:
-  return f"{100 * v:.1f}%"
-
-
-def _x(v: float) -> str:
-  return f"{v:.2f}x"
 
 
 def _span(vals: Sequence[float], fmt: Callable[[float], str]) -> str:
@@ -168,7 +163,6 @@ def _mpc_met(p: Payloads) -> bool:
 
 
 def _press(p: Payloads, stem: str) -> list[dict]:
-  from experiments.report import press_rows
   return press_rows(p[stem])
 
 
@@ -359,7 +353,6 @@ TARGETS: tuple[Target, ...] = (
 
 def render_targets(payloads: Payloads, targets: Sequence[Target] = TARGETS) -> str:
   """The targets table: target | asked | reached | met | measured by (one line per file)."""
-  from experiments.report import environment_line
   lines = ["| target | asked | reached | met | measured by |", "| --- | --- | --- | --- | --- |"]
   for t in targets:
     have = {s: payloads[s] for s in t.sources if s in payloads}

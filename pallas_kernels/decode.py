@@ -482,18 +482,13 @@ def _check_pages(q, k_pages, v_pages, tables):
   return B, K, S, E, tables.shape[1]
 
 
-def _row_tile(rows) -> int:
-  tr = int(rows)
-  if tr < MIN_ROWS or not layouts.is_power_of_two(tr):
-    raise ValueError(f"row_tiles must be powers of two >= {MIN_ROWS}, got {rows!r}")
-  return tr
-
-
-def _block_tokens(block_tokens) -> int:
-  bs = int(block_tokens)
-  if bs < 16 or not layouts.is_power_of_two(bs):
-    raise ValueError(f"block_tokens must be a power of two >= 16, got {block_tokens!r}")
-  return bs
+def _tile(value, what: str) -> int:
+  """int(value), a power of two >= 16 (MIN_ROWS; tiles of tokens and of rows alike), else a
+  ValueError that starts with `what`."""
+  t = int(value)
+  if t < MIN_ROWS or not layouts.is_power_of_two(t):
+    raise ValueError(f"{what} >= {MIN_ROWS}, got {value!r}")
+  return t
 
 
 def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: float | None = None,
@@ -525,8 +520,7 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
 
 def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | None = None,
                                  block_tokens=None, row_tiles=None, num_splits=None,
-                                 out_dtype=None,
-                                 num_warps: int = 4, num_stages: int = 2,
+                                 out_dtype=None, num_warps: int = 4, num_stages: int = 2,
                                  interpret: bool | None = None, debug: bool = False):
   """paged_decode_attention of several parts over one pool in ONE kernel launch.
 
@@ -555,7 +549,7 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
     if val is not None and len(val) != len(parts):
       raise ValueError(f"{name} needs one entry per part ({len(parts)}), got {val!r}")
   item = k_pages.dtype.itemsize
-  tiles = [_block_tokens(block_tokens[j]) if block_tokens is not None
+  tiles = [_tile(block_tokens[j], "block_tokens must be a power of two") if block_tokens is not None
            else default_block_tokens(d[3], item, q.shape[2])
            for j, (d, (q, _, _)) in enumerate(zip(dims, parts))]
   iters = [-(-d[4] * d[2] // bs) for d, bs in zip(dims, tiles)]  # tiles of a full table
@@ -566,7 +560,8 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   E = dims[0][3]
   return list(_paged(tuple(p[0] for p in parts), k_pages, v_pages, tuple(p[1] for p in parts),
                      tuple(p[2] for p in parts), block_tokens=tuple(tiles),
-                     row_tiles=tuple(_row_tile(r) for r in row_tiles or [MIN_ROWS] * len(parts)),
+                     row_tiles=tuple(_tile(r, "row_tiles must be powers of two")
+                                     for r in row_tiles or [MIN_ROWS] * len(parts)),
                      num_splits=splits,
                      sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
                      out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages,
