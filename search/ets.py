@@ -121,12 +121,7 @@ class SelectionProblem:
       missing = sorted(set(range(n)) - set(used))[:5]
       raise ValueError(f"every node 0..{n - 1} must be some candidate's ancestor; "
                        f"{missing} are on no path")
-    parent: dict[int, int] = {}
-    for p in paths:
-      for above, j in zip((-1,) + p[:-1], p):
-        if parent.setdefault(j, above) != above:
-          raise ValueError(f"the paths disagree on node {j}'s parent ({parent[j]} and {above}): "
-                           f"they must describe a tree, top first")
+    _node_parents(paths, n)  # raises unless the paths describe a tree
     for name, k in (("leaf_tokens", m), ("node_tokens", n)):
       t = getattr(self, name)
       if t is not None:
@@ -276,30 +271,19 @@ def solve(problem: SelectionProblem, cfg: ETSConfig, width: int | None = None) -
     except ImportError:
       pass
     raise
-  import scipy.sparse as sp
   start = time.perf_counter()
   prog = _program(problem, cfg, width)
-  m, n = prog.incidence.shape
-  x = cp.Variable(m, boolean=True)
-  c = cp.Variable(prog.member.shape[1], boolean=True)
-  member = sp.csr_matrix(prog.member.T.astype(np.float64))
-  cons = [cp.sum(x) >= 1, c <= member @ x]
-  objective = prog.gain @ x + prog.cover * cp.sum(c)
-  if n:
-    y = cp.Variable(n, boolean=True)
-    leaf_parent, node_parent = _parents(problem)
-    pick = lambda idx, size: sp.csr_matrix(
-        (np.ones(idx.size), (np.arange(idx.size), idx)), shape=(idx.size, size))
-    li, ni = np.flatnonzero(leaf_parent >= 0), np.flatnonzero(node_parent >= 0)
-    cons += [pick(li, m) @ x <= pick(leaf_parent[li], n) @ y,
-             pick(ni, n) @ y <= pick(node_parent[ni], n) @ y]
-    objective = objective - prog.cost @ y
+  value, a, lower, upper = _milp_form(problem, prog)
+  z = cp.Variable(value.size, boolean=True)  # [x (M), y (N), c (K)]
+  lo, up = np.isfinite(lower), np.isfinite(upper)
+  cons = [a[lo] @ z >= lower[lo], a[up] @ z <= upper[up]]
+  objective = value @ z
   program = cp.Problem(cp.Maximize(objective), cons)
   # Zero gaps: tests compare against solve_brute, and these programs solve at the root anyway.
   program.solve(solver=cp.HIGHS, mip_rel_gap=0.0, mip_abs_gap=1e-9)
   if program.status != cp.OPTIMAL:
     raise RuntimeError(f"HiGHS returned status {program.status!r} for the ETS program")
-  return _selection(prog, np.asarray(x.value) > 0.5, start)
+  return _selection(prog, np.asarray(z.value[:prog.gain.size]) > 0.5, start)
 
 
 def solve_scipy(problem: SelectionProblem, cfg: ETSConfig, width: int | None = None
@@ -312,11 +296,9 @@ def solve_scipy(problem: SelectionProblem, cfg: ETSConfig, width: int | None = N
     raise ImportError("search.ets.solve_scipy needs scipy >= 1.9 (scipy.optimize.milp)") from e
   start = time.perf_counter()
   prog = _program(problem, cfg, width)
-  m, n = prog.incidence.shape
-  size = m + n + prog.member.shape[1]
-  k = prog.member.shape[1]
-  a, lower, upper = _chain_rows(problem, prog)
-  objective = -np.concatenate([prog.gain, -prog.cost, np.full(k, prog.cover)])  # milp minimises
+  m = prog.gain.size
+  value, a, lower, upper = _milp_form(problem, prog)
+  objective, size = -value, value.size  # milp minimises
   cons = LinearConstraint(a, lower, upper)
   # The LP relaxation first: over these trees it is mostly integral, and an integral LP optimum
   # is the program's optimum; else the MILP.
@@ -334,17 +316,29 @@ def solve_scipy(problem: SelectionProblem, cfg: ETSConfig, width: int | None = N
   return _selection(prog, np.asarray(res.x[:m]) > 0.5, start)
 
 
+def _node_parents(paths: Sequence[tuple[int, ...]], n: int) -> np.ndarray:
+  """[N] parent node of each ancestor node (-1: under the root) from top-first paths; a
+  ValueError where two paths disagree on a node's parent."""
+  parent = np.full(n, -2, np.int64)  # -2: not seen yet
+  for p in paths:
+    for above, j in zip((-1,) + p[:-1], p):
+      if parent[j] == -2:
+        parent[j] = above
+      elif parent[j] != above:
+        raise ValueError(f"the paths disagree on node {j}'s parent ({parent[j]} and {above}): "
+                         f"they must describe a tree, top first")
+  return parent
+
+
 def _parents(problem: SelectionProblem) -> tuple[np.ndarray, np.ndarray]:
   """(parent node of each candidate [M], of each ancestor node [N]; -1: under the root)."""
-  node_parent = np.full(problem.num_nodes, -1, np.int64)
-  for path in problem.paths:
-    node_parent[list(path[1:])] = path[:-1]
   leaf_parent = np.array([path[-1] if path else -1 for path in problem.paths], np.int64)
-  return leaf_parent, node_parent
+  return leaf_parent, _node_parents(problem.paths, problem.num_nodes)
 
 
-def _chain_rows(problem: SelectionProblem, prog: _Program):
-  """The constraints over z = [x (M), y (N), c (K)] as (sparse A, lower, upper): sum x >= 1;
+def _milp_form(problem: SelectionProblem, prog: _Program):
+  """The program over z = [x (M), y (N), c (K)], as both solvers take it: (value [M + N + K],
+  sparse A, lower, upper), maximise value @ z subject to lower <= A z <= upper: sum x >= 1;
   c_k <= sum_{i in C_k} x_i; x_i <= y_parent(i) and y_j <= y_parent(j) (with the parents'
   chains these imply x_i <= y_j for every ancestor j). y_j <= sum of the leaves under j is left
   out: y costs lambda_b / (M + N) b_j >= 0, so an optimum never keeps a node without a kept leaf
@@ -367,7 +361,8 @@ def _chain_rows(problem: SelectionProblem, prog: _Program):
   a = sp.csr_matrix((vals, (rows, cols)), shape=(n_rows, m + n + k))
   lower = np.r_[1.0, np.full(n_rows - 1, -np.inf)]
   upper = np.r_[np.inf, np.zeros(n_rows - 1)]
-  return a, lower, upper
+  value = np.concatenate([prog.gain, -prog.cost, np.full(k, prog.cover)])
+  return value, a, lower, upper
 
 
 def ets_allocate(scores: Sequence[float] | np.ndarray, problem: SelectionProblem, width: int,
