@@ -28,7 +28,7 @@ from kvcache.cache import HeadGroup, LayerCache
 from kvcache.pool import PagedKV, PagePool, apply_copies, init_paged_kv
 from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
-from pallas_kernels.merge import merge_attention
+from pallas_kernels.merge import merge_attention, merge_partials
 
 
 @jax.tree_util.register_dataclass
@@ -82,6 +82,15 @@ def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: 
   return PrefixGroups(*map(jnp.asarray, (members, tables, length, shift, slot)))
 
 
+def _member_rows(x: jax.Array, gr: int, n_t: int, mm: int, g: int) -> jax.Array:
+  """The prefix programs' partials [Gr * n_t, K, P, c, ...] (group r's M * G rows as n_t tiles
+  of c rows, padding last) -> [Gr * M, K, P, G, ...] each member's G rows."""
+  _, kh, p, c, *rest = x.shape
+  x = jnp.moveaxis(x.reshape(gr, n_t, kh, p, c, *rest), 1, 3)  # [Gr, K, P, n_t, c, ...]
+  x = x.reshape(gr, kh, p, n_t * c, *rest)[:, :, :, :mm * g]
+  return jnp.moveaxis(x.reshape(gr, kh, p, mm, g, *rest), 3, 1).reshape(gr * mm, kh, p, g, *rest)
+
+
 def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
   """[K, P, S, E] pages read through tables [R, W] -> [R, K, W * S, E] (logical slot order)."""
   r, w = tables.shape
@@ -91,7 +100,8 @@ def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
 
 def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            tables: jax.Array, positions: jax.Array, groups: PrefixGroups, *,
-                           kernel: bool = False) -> tuple[jax.Array, jax.Array]:
+                           kernel: bool = False, prefix_splits: int | None = None,
+                           prefix_rows: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of T new queries per row over its pages, each group's prefix attended once.
 
   Args:
@@ -106,6 +116,11 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       own part one row per sequence. Else gathered
       pages and kvcache.attention.cache_attention (the prefill kernel on GPU). The two parts
       are merged by log-sum-exp.
+    prefix_splits, prefix_rows: with the kernel, the prefix pages cut into this many splits
+      and a group's query rows into programs of this many rows (defaults: the kernel's splits,
+      none when the two parts' programs fill the GPU; all of a group's rows in one program:
+      on an H200 neither more splits nor fewer rows ran faster). Every row's prefix splits and
+      own part are merged in one pass.
   Returns:
     (out [B, T, K, G, E] in q's dtype, lse [B, T, K, G] float32): equal to attention over each
     row's whole table.
@@ -124,12 +139,24 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   first = groups.shift // s
   own = jnp.take_along_axis(tables, jnp.minimum(first[:, None] + jnp.arange(w)[None], w - 1), 1)
   rel = positions - groups.shift[:, None]
-  if decode:  # both parts in one launch of the paged kernel; float32 partials
+  idx = jnp.maximum(groups.slot, 0)
+  grouped = (groups.slot >= 0)[:, None, None, None]
+  if decode:  # both parts in one launch of the paged kernel, its float32 split partials
     from pallas_kernels.decode import paged_decode_attention_parts
+    r = mm * g
+    c = min(prefix_rows or r, r)
+    n_t = -(-r // c)  # a group's rows as n_t programs' tiles of c rows, each over the prefix
+    pr = jnp.pad(rows, ((0, 0), (0, 0), (0, n_t * c - r), (0, 0))).reshape(
+        gr, kh, n_t, c, e).transpose(0, 2, 1, 3, 4).reshape(gr * n_t, kh, c, e)
     (o_p, lse_p), (o_s, lse_s) = paged_decode_attention_parts(
-        [(rows, groups.tables, groups.length - 1), (q[:, 0], own, rel[:, 0])], k_pages,
-        v_pages, out_dtype=jnp.float32)
-    o_s, lse_s = o_s[:, None], lse_s[:, None]
+        [(pr, jnp.repeat(groups.tables, n_t, 0), jnp.repeat(groups.length - 1, n_t)),
+         (q[:, 0], own, rel[:, 0])], k_pages, v_pages,
+        num_splits=None if prefix_splits is None else [prefix_splits, 1], merge_splits=False)
+    o_p, lse_p = (_member_rows(x, gr, n_t, mm, g)[idx] for x in (o_p, lse_p))
+    lse_p = jnp.where(grouped, lse_p, -jnp.inf)
+    out, lse = merge_partials(jnp.concatenate([o_p, o_s], 2), jnp.concatenate([lse_p, lse_s], 2),
+                              axis=2)  # [B, K, G, E]: prefix splits and own part at once
+    return out[:, None].astype(dtype), lse[:, None]
   else:
     n_p = groups.tables.shape[1] * s
     ppos = jnp.arange(n_p, dtype=jnp.int32)
@@ -146,9 +173,8 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   # Back to the rows: row b's prefix part is its group's row slot[b] (none: lse -inf).
   o_p = o_p.reshape(gr, kh, mm, t, g, e).transpose(0, 2, 3, 1, 4, 5).reshape(gr * mm, t, kh, g, e)
   lse_p = lse_p.reshape(gr, kh, mm, t, g).transpose(0, 2, 3, 1, 4).reshape(gr * mm, t, kh, g)
-  idx = jnp.maximum(groups.slot, 0)
   out_p = o_p[idx]
-  lse_pb = jnp.where((groups.slot >= 0)[:, None, None, None], lse_p[idx], -jnp.inf)
+  lse_pb = jnp.where(grouped, lse_p[idx], -jnp.inf)
   out, lse = merge_attention(out_p, lse_pb, o_s, lse_s)
   return out.astype(dtype), lse
 

@@ -294,14 +294,14 @@ def _seq_specs(offset: int, B: int, P: int, W: int):
 
 
 @functools.partial(jax.jit, static_argnames=("block_tokens", "row_tiles", "num_splits", "sm_scale",
-                                             "out_dtype", "num_warps", "num_stages", "interpret",
-                                             "debug"))
+                                             "out_dtype", "merge_splits", "num_warps",
+                                             "num_stages", "interpret", "debug"))
 def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, row_tiles, num_splits, sm_scale,
-           out_dtype, num_warps, num_stages, interpret, debug):
+           out_dtype, merge_splits, num_warps, num_stages, interpret, debug):
   """The paged kernel over parts (qs / tables / q_pos: tuples, part j [B_j, K, G_j, E] /
   [B_j, W_j] / [B_j]) in one launch; pages [K, P, S, E] read in place, queries and outputs as
   flat unpadded rows (the interpreter gets a row tile of slack: its slices clamp), each
-  part's num_splits[j] splits merged."""
+  part's num_splits[j] splits merged (merge_splits) or returned as float32 partials."""
   kh, p, s, E = k_pages.shape
   k, v = k_pages.reshape(kh, p * s, E), v_pages.reshape(kh, p * s, E)
   slack = max(row_tiles) if interpret else 0
@@ -336,7 +336,7 @@ def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, row_tiles, num_
     n = B * kh * n_split * G
     o = res[2 * j][:n].reshape(B, kh, n_split, G, E)
     lse = res[2 * j + 1][:n].reshape(B, kh, n_split, G)
-    outs.append(_merged(o, lse, G, out_dtype or q.dtype))
+    outs.append(_merged(o, lse, G, out_dtype or q.dtype) if merge_splits else (o, lse))
   return tuple(outs)
 
 
@@ -520,8 +520,9 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
 
 def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | None = None,
                                  block_tokens=None, row_tiles=None, num_splits=None,
-                                 out_dtype=None, num_warps: int = 4, num_stages: int = 2,
-                                 interpret: bool | None = None, debug: bool = False):
+                                 out_dtype=None, merge_splits: bool = True, num_warps: int = 4,
+                                 num_stages: int = 2, interpret: bool | None = None,
+                                 debug: bool = False):
   """paged_decode_attention of several parts over one pool in ONE kernel launch.
 
   Each part is (q [B_j, K, G_j, E], tables int [B_j, W_j], q_pos int [B_j]), as
@@ -535,7 +536,9 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   several parts, none while their programs together fill it (a split's partials cost a merge),
   else each part's own default.
   Returns a list of (o [B_j, K, G_j, E] in out_dtype (default q's), lse [B_j, K, G_j]
-  float32), one per part.
+  float32), one per part; with merge_splits=False each part's unmerged split partials instead
+  (o [B_j, K, P_j, G_j, E] float32, lse [B_j, K, P_j, G_j]), for a caller that merges them with
+  partials of its own in one pass (merge.merge_partials over axis 2).
   """
   if not parts:
     raise ValueError("paged_decode_attention_parts needs at least one part")
@@ -564,6 +567,7 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
                                      for r in row_tiles or [MIN_ROWS] * len(parts)),
                      num_splits=splits,
                      sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
-                     out_dtype=out_dtype, num_warps=num_warps, num_stages=num_stages,
+                     out_dtype=out_dtype, merge_splits=bool(merge_splits), num_warps=num_warps,
+                     num_stages=num_stages,
                      interpret=default_interpret() if interpret is None else bool(interpret),
                      debug=debug))

@@ -109,20 +109,25 @@ def test_shared_prefix_attention_equals_attention_over_each_whole_table(t, kerne
   np.testing.assert_allclose(np.asarray(lse)[:6], want_lse, atol=2e-5)
 
 
-def test_shared_prefix_kernel_with_every_row_grouped():
+@pytest.mark.parametrize("prefix_splits,prefix_rows", [(None, None), (1, None), (3, None),
+                                                       (2, 3)])
+def test_shared_prefix_kernel_with_every_row_grouped(prefix_splits, prefix_rows):
   """Every row in a group, one member's query inside its first own page, another's pages past
-  the prefix many: the paged kernel for both parts."""
+  the prefix many; prefixes of 17 and 9 pages (3 and 2 of the kernel's 128-token tiles), cut
+  into prefix splits (default: 2; 3: one split of the shorter prefix empty), merged with the
+  own part in one pass: the paged kernel for both parts."""
   from kvcache.paged import prefix_groups, shared_paged_attention
-  seed = 37
+  seed = 37 + (prefix_splits or 0)
   print(f"seed={seed}")
   rng = np.random.default_rng(seed)
   kh, g, e, s, p = 2, 2, 16, 16, 48
   k_pages, v_pages = (rng.standard_normal((kh, p, s, e)).astype(np.float32) for _ in range(2))
-  own = iter(rng.permutation(np.arange(4, p)))
-  pre = [[0, 1], [2, 3]]
+  order = rng.permutation(p)
+  pre = [[int(x) for x in order[:17]], [int(x) for x in order[17:26]]]
+  own = iter(order[26:])
   counts = [1, 5, 2, 3]
   rows = [pre[i // 2] + [int(next(own)) for _ in range(c)] for i, c in enumerate(counts)]
-  tables = np.zeros((4, 8), np.int32)
+  tables = np.zeros((4, 24), np.int32)
   for i, r in enumerate(rows):
     tables[i, :len(r)] = r
   positions = np.asarray([[len(r) * s - 1 - rng.integers(0, s)] for r in rows], np.int32)
@@ -130,7 +135,8 @@ def test_shared_prefix_kernel_with_every_row_grouped():
   q = rng.standard_normal((4, 1, kh, g, e)).astype(np.float32)
   out, lse = shared_paged_attention(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages),
                                     jnp.asarray(tables), jnp.asarray(positions), groups,
-                                    kernel=True)
+                                    kernel=True, prefix_splits=prefix_splits,
+                                    prefix_rows=prefix_rows)
   want_out, want_lse = _float64_paged_attention(q, k_pages, v_pages, tables, positions)
   np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5)
   np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-5)

@@ -12,6 +12,7 @@ from pallas_kernels import (
     pick_block_size,
     supports,
 )
+from pallas_kernels.merge import merge_partials
 
 
 def _inputs(rng, B, K, G, N, E, dtype, with_mask, nan_empty=False):
@@ -228,6 +229,15 @@ def test_paged_decode_parts_in_one_launch_equal_each_alone(seed, compiled):
                                 kp, vp, *part[1:])
     np.testing.assert_allclose(np.asarray(o), np.asarray(want_o), atol=2e-5)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-5)
+  # Unmerged: part a's 3 split partials, merged here, give the merged result.
+  (pa, pla), (pb, plb) = compiled(
+      lambda *x: paged_decode_attention_parts([x[:3], x[3:]], kp, vp, num_splits=[3, 1],
+                                              block_tokens=[32, 16], row_tiles=[32, 16],
+                                              merge_splits=False), *a, *b)
+  assert pa.shape == (2, K, 3, 20, E) and pla.shape == (2, K, 3, 20) and pb.shape[2] == 1
+  o, lse = merge_partials(pa, pla, axis=2)
+  np.testing.assert_allclose(np.asarray(o), np.asarray(oa), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(la), atol=2e-5)
   with pytest.raises(ValueError, match="num_splits needs one entry per part"):
     paged_decode_attention_parts([a, b], kp, vp, num_splits=[2])
   with pytest.raises(ValueError, match="block_tokens must be a power of two >= 16, got 24"):
