@@ -57,3 +57,28 @@ def test_merge_bad_shapes_raise():
     merge_attention(jnp.zeros((2, 8)), jnp.zeros(2), jnp.zeros((3, 8)), jnp.zeros(3))
   with pytest.raises(ValueError, match="lse_b"):
     merge_attention(jnp.zeros((2, 8)), jnp.zeros(2), jnp.zeros((2, 8)), jnp.zeros(3))
+
+
+@pytest.mark.parametrize("parts", [1, 3, 8, 11])  # elementwise up to UNROLL_PARTS, reductions past
+def test_merge_partials_equals_softmax_over_all_parts(parts):
+  """Partials of random logit sets (one whole row of parts empty, single empty parts elsewhere)
+  merged along axis 1 against a float64 softmax over the concatenated sets."""
+  from pallas_kernels.merge import UNROLL_PARTS, merge_partials
+  seed = 41 + parts
+  print(f"seed={seed} parts={parts} unrolled={parts <= UNROLL_PARTS}")
+  rng = np.random.default_rng(seed)
+  R, n, E = 5, 6, 4
+  s = rng.standard_normal((R, parts, n)) * 3
+  v = rng.standard_normal((R, parts, n, E))
+  live = rng.random((R, parts)) < 0.8
+  live[0] = False  # row 0: every part empty
+  ls = np.where(live, np.log(np.exp(s).sum(-1)), -np.inf)
+  o = np.einsum("rpn,rpne->rpe", np.exp(s) / np.exp(s).sum(-1, keepdims=True), v)
+  o = np.where(live[..., None], o, 0.0)
+  out, lse = merge_partials(jnp.asarray(o, jnp.float32), jnp.asarray(ls, jnp.float32), axis=1)
+  w = np.where(live[..., None], np.exp(s), 0.0)  # [R, parts, n]: the union's weights
+  tot = w.sum((1, 2))
+  want = np.einsum("rpn,rpne->re", w, v) / np.where(tot == 0, 1, tot)[:, None]
+  np.testing.assert_allclose(np.asarray(out), want, atol=1e-5)
+  assert np.isneginf(np.asarray(lse)[0]) and np.all(np.asarray(out)[0] == 0)
+  np.testing.assert_allclose(np.asarray(lse)[1:], np.log(tot[1:]), atol=1e-5)
