@@ -130,14 +130,15 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
                                                                  out_dtype=jnp.float32)[0])
   t_prefix = time_ms(alone, (pre_args, kpool, vpool), repeats, inner=inner)
   t_own = time_ms(alone, (own_args, kpool, vpool), repeats, inner=inner)
-  # Both parts in one launch (what shared_paged_attention runs), the prefix part's tiles of
-  # 32, 64 (the default) and 128 tokens.
+  # Both parts in one launch (what shared_paged_attention runs), its partials unmerged: the
+  # kernel alone, so that shared_prefix_ms - this is the time around it (gathering the group's
+  # query rows, the merge); the prefix part's tiles of 32, 64 (the default) and 128 tokens.
   one_launch = {}
   for bs in (32, 64, 128):
     fn = jax.jit(lambda a, b, kp, vp, bs=bs: paged_decode_attention_parts(
-        [a, b], kp, vp, block_tokens=[bs, default_block_tokens(e, 2, g)],
-        out_dtype=jnp.float32))
+        [a, b], kp, vp, block_tokens=[bs, default_block_tokens(e, 2, g)], merge_splits=False))
     one_launch[str(bs)] = time_ms(fn, (pre_args, own_args, kpool, vpool), repeats, inner=inner)
+  kernel_alone = one_launch[str(default_block_tokens(e, 2, per_group * g))]
   o_ref = per_seq(*per_args)
   o_sh = shared(qs, kpool, vpool)
   shared_err = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
@@ -150,6 +151,7 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
           "shared_prefix_ms": t_shared, "per_sequence_paged_ms": t_per,
           "shared_max_abs_diff": shared_err, "shared_prefix_part_ms": t_prefix,
           "shared_own_part_ms": t_own, "shared_one_launch_ms_by_prefix_tile": one_launch,
+          "shared_kernel_alone_ms": kernel_alone, "shared_around_kernel_ms": t_shared - kernel_alone,
           "shared_prefix_speedup": t_per / t_shared}
 
 

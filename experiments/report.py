@@ -259,6 +259,7 @@ SPECS: dict[str, TableSpec] = {
                  ("paged / contiguous speed", "paged_over_contiguous_speed", _x),
                  ("per-sequence paged ms", "per_sequence_paged_ms", _ms),
                  ("shared-prefix ms", "shared_prefix_ms", _ms),
+                 ("its kernel alone ms", "shared_kernel_alone_ms", _ms),
                  ("prefix part alone ms", "shared_prefix_part_ms", _ms),
                  ("own part alone ms", "shared_own_part_ms", _ms),
                  ("shared-prefix speed-up", "shared_prefix_speedup", _x)),
