@@ -151,7 +151,8 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
           "shared_prefix_ms": t_shared, "per_sequence_paged_ms": t_per,
           "shared_max_abs_diff": shared_err, "shared_prefix_part_ms": t_prefix,
           "shared_own_part_ms": t_own, "shared_one_launch_ms_by_prefix_tile": one_launch,
-          "shared_kernel_alone_ms": kernel_alone, "shared_around_kernel_ms": t_shared - kernel_alone,
+          "shared_kernel_alone_ms": kernel_alone,
+          "shared_around_kernel_ms": t_shared - kernel_alone,
           "shared_prefix_speedup": t_per / t_shared}
 
 
