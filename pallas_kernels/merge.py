@@ -37,29 +37,16 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
   return out.astype(out_a.dtype), lse
 
 
-UNROLL_PARTS = 8  # merge_partials of at most this many parts: elementwise, no reductions
-
-
 def merge_partials(outs, lses, axis: int = 0):
   """Merges partial attentions stacked along `axis` (outs [..., E], lses = outs without E; axis
   not E's, counted from the front).
 
-  Returns (out float32, lse float32) with `axis` reduced. Up to UNROLL_PARTS parts are merged
-  by elementwise arithmetic over the parts (one fused loop, which the gathers and transposes that
-  produce the partials can fuse into), more by reductions over the axis.
+  Returns (out float32, lse float32) with `axis` reduced. The parts are merged by elementwise
+  arithmetic over them (one fused loop, which the gathers and transposes that produce the
+  partials can fuse into), not by reductions over the axis.
   """
-  n = outs.shape[axis]
-  if n <= UNROLL_PARTS:
-    return _merge_list([(jnp.take(outs, i, axis), jnp.take(lses, i, axis)) for i in range(n)])
-  outs = outs.astype(jnp.float32)
-  lses = lses.astype(jnp.float32)
-  m = jnp.max(lses, axis=axis, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)  # all parts empty: weights e^{-inf} = 0
-  w = jnp.exp(lses - m)  # [..., parts, ...]
-  total = jnp.sum(w, axis=axis, keepdims=True)
-  out = jnp.sum(outs * (w / jnp.where(total == 0, 1.0, total))[..., None], axis=axis)
-  lse = jnp.where(total == 0, -jnp.inf, m + jnp.log(jnp.where(total == 0, 1.0, total)))
-  return out, jnp.squeeze(lse, axis)
+  return _merge_list([(jnp.take(outs, i, axis), jnp.take(lses, i, axis))
+                      for i in range(outs.shape[axis])])
 
 
 def _merge_list(parts):
