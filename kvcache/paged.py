@@ -82,12 +82,10 @@ def prefix_groups(groups: Sequence[tuple[Sequence[int], Sequence[int]]], batch: 
   return PrefixGroups(*map(jnp.asarray, (members, tables, length, shift, slot)))
 
 
-def _member_rows(x: jax.Array, gr: int, n_t: int, mm: int, g: int) -> jax.Array:
-  """The prefix programs' partials [Gr * n_t, K, P, c, ...] (group r's M * G rows as n_t tiles
-  of c rows, padding last) -> [Gr * M, K, P, G, ...] each member's G rows."""
-  _, kh, p, c, *rest = x.shape
-  x = jnp.moveaxis(x.reshape(gr, n_t, kh, p, c, *rest), 1, 3)  # [Gr, K, P, n_t, c, ...]
-  x = x.reshape(gr, kh, p, n_t * c, *rest)[:, :, :, :mm * g]
+def _member_rows(x: jax.Array, mm: int, g: int) -> jax.Array:
+  """The prefix part's partials [Gr, K, P, M * G, ...] (group r's rows, member by member) ->
+  [Gr * M, K, P, G, ...] each member's G rows."""
+  gr, kh, p, _, *rest = x.shape
   return jnp.moveaxis(x.reshape(gr, kh, p, mm, g, *rest), 3, 1).reshape(gr * mm, kh, p, g, *rest)
 
 
@@ -100,8 +98,8 @@ def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
 
 def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            tables: jax.Array, positions: jax.Array, groups: PrefixGroups, *,
-                           kernel: bool = False, prefix_splits: int | None = None,
-                           prefix_rows: int | None = None) -> tuple[jax.Array, jax.Array]:
+                           kernel: bool = False,
+                           prefix_splits: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of T new queries per row over its pages, each group's prefix attended once.
 
   Args:
@@ -116,11 +114,9 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       own part one row per sequence. Else gathered
       pages and kvcache.attention.cache_attention (the prefill kernel on GPU). The two parts
       are merged by log-sum-exp.
-    prefix_splits, prefix_rows: with the kernel, the prefix pages cut into this many splits
-      and a group's query rows into programs of this many rows (defaults: the kernel's splits,
-      none when the two parts' programs fill the GPU; all of a group's rows in one program:
-      on an H200 neither more splits nor fewer rows ran faster). Every row's prefix splits and
-      own part are merged in one pass.
+    prefix_splits: with the kernel, the prefix pages cut into this many splits (default: the
+      kernel's, none when the two parts' programs fill the GPU; on an H200 more splits did not
+      run faster). Every row's prefix splits and own part are merged in one pass.
   Returns:
     (out [B, T, K, G, E] in q's dtype, lse [B, T, K, G] float32): equal to attention over each
     row's whole table.
@@ -143,33 +139,27 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   grouped = (groups.slot >= 0)[:, None, None, None]
   if decode:  # both parts in one launch of the paged kernel, its float32 split partials
     from pallas_kernels.decode import paged_decode_attention_parts
-    r = mm * g
-    c = min(prefix_rows or r, r)
-    n_t = -(-r // c)  # a group's rows as n_t programs' tiles of c rows, each over the prefix
-    pr = jnp.pad(rows, ((0, 0), (0, 0), (0, n_t * c - r), (0, 0))).reshape(
-        gr, kh, n_t, c, e).transpose(0, 2, 1, 3, 4).reshape(gr * n_t, kh, c, e)
     (o_p, lse_p), (o_s, lse_s) = paged_decode_attention_parts(
-        [(pr, jnp.repeat(groups.tables, n_t, 0), jnp.repeat(groups.length - 1, n_t)),
-         (q[:, 0], own, rel[:, 0])], k_pages, v_pages,
-        num_splits=None if prefix_splits is None else [prefix_splits, 1], merge_splits=False)
-    o_p, lse_p = (_member_rows(x, gr, n_t, mm, g)[idx] for x in (o_p, lse_p))
+        [(rows, groups.tables, groups.length - 1), (q[:, 0], own, rel[:, 0])], k_pages,
+        v_pages, num_splits=None if prefix_splits is None else [prefix_splits, 1],
+        merge_splits=False)
+    o_p, lse_p = (_member_rows(x, mm, g)[idx] for x in (o_p, lse_p))
     lse_p = jnp.where(grouped, lse_p, -jnp.inf)
     out, lse = merge_partials(jnp.concatenate([o_p, o_s], 2), jnp.concatenate([lse_p, lse_s], 2),
                               axis=2)  # [B, K, G, E]: prefix splits and own part at once
     return out[:, None].astype(dtype), lse[:, None]
-  else:
-    n_p = groups.tables.shape[1] * s
-    ppos = jnp.arange(n_p, dtype=jnp.int32)
-    ppos = jnp.where(ppos[None] < groups.length[:, None], ppos[None], -1)
-    o_p, lse_p = cache_attention(rows[:, :, None], _page_view(k_pages, groups.tables),
-                                 _page_view(v_pages, groups.tables),
-                                 jnp.broadcast_to(ppos[:, None], (gr, kh, n_p)),
-                                 jnp.broadcast_to(groups.length[:, None], (gr, mm * t * g)))
-    o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
-    pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
-    o_s, lse_s = cache_attention(q.transpose(0, 2, 3, 1, 4), _page_view(k_pages, own),
-                                 _page_view(v_pages, own), pos, rel)
-    o_s, lse_s = o_s.transpose(0, 3, 1, 2, 4), lse_s.transpose(0, 3, 1, 2)
+  n_p = groups.tables.shape[1] * s
+  ppos = jnp.arange(n_p, dtype=jnp.int32)
+  ppos = jnp.where(ppos[None] < groups.length[:, None], ppos[None], -1)
+  o_p, lse_p = cache_attention(rows[:, :, None], _page_view(k_pages, groups.tables),
+                               _page_view(v_pages, groups.tables),
+                               jnp.broadcast_to(ppos[:, None], (gr, kh, n_p)),
+                               jnp.broadcast_to(groups.length[:, None], (gr, mm * t * g)))
+  o_p, lse_p = o_p[:, :, 0], lse_p[:, :, 0]
+  pos = jnp.broadcast_to(jnp.arange(w * s, dtype=jnp.int32), (b, kh, w * s))
+  o_s, lse_s = cache_attention(q.transpose(0, 2, 3, 1, 4), _page_view(k_pages, own),
+                               _page_view(v_pages, own), pos, rel)
+  o_s, lse_s = o_s.transpose(0, 3, 1, 2, 4), lse_s.transpose(0, 3, 1, 2)
   # Back to the rows: row b's prefix part is its group's row slot[b] (none: lse -inf).
   o_p = o_p.reshape(gr, kh, mm, t, g, e).transpose(0, 2, 3, 1, 4, 5).reshape(gr * mm, t, kh, g, e)
   lse_p = lse_p.reshape(gr, kh, mm, t, g).transpose(0, 2, 3, 1, 4).reshape(gr * mm, t, kh, g)

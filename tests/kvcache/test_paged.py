@@ -109,9 +109,8 @@ def test_shared_prefix_attention_equals_attention_over_each_whole_table(t, kerne
   np.testing.assert_allclose(np.asarray(lse)[:6], want_lse, atol=2e-5)
 
 
-@pytest.mark.parametrize("prefix_splits,prefix_rows", [(None, None), (1, None), (3, None),
-                                                       (2, 3)])
-def test_shared_prefix_kernel_with_every_row_grouped(prefix_splits, prefix_rows):
+@pytest.mark.parametrize("prefix_splits", [None, 1, 3])
+def test_shared_prefix_kernel_with_every_row_grouped(prefix_splits):
   """Every row in a group, one member's query inside its first own page, another's pages past
   the prefix many; prefixes of 17 and 9 pages (3 and 2 of the kernel's 128-token tiles), cut
   into prefix splits (default: 2; 3: one split of the shorter prefix empty), merged with the
@@ -135,8 +134,7 @@ def test_shared_prefix_kernel_with_every_row_grouped(prefix_splits, prefix_rows)
   q = rng.standard_normal((4, 1, kh, g, e)).astype(np.float32)
   out, lse = shared_paged_attention(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages),
                                     jnp.asarray(tables), jnp.asarray(positions), groups,
-                                    kernel=True, prefix_splits=prefix_splits,
-                                    prefix_rows=prefix_rows)
+                                    kernel=True, prefix_splits=prefix_splits)
   want_out, want_lse = _float64_paged_attention(q, k_pages, v_pages, tables, positions)
   np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5)
   np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-5)
