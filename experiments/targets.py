@@ -94,13 +94,10 @@ def _s2_over_ideal(p: Payloads) -> list[float]:
 
 
 def _dkernel(p: Payloads) -> list[tuple[str, int, float, float]]:
-  """(stride, T, DKernel's forward ms over ours, backward likewise) where the file holds both,
-  DKernel timed in the same run (bench attention --peer dkernel)."""
-  a = _attention(p)
-  return [(impl[len("dkernel_s2_"):], t, r["fwd_ms"] / a[("ours" + impl[7:], t)]["fwd_ms"],
-           r["bwd_ms"] / a[("ours" + impl[7:], t)]["bwd_ms"])
-          for (impl, t), r in sorted(a.items()) if impl.startswith("dkernel_s2")
-          and "fwd_ms" in r and ("ours" + impl[7:], t) in a]
+  """(stride, T, DKernel's forward ms over ours, backward likewise): the ratios bench
+  attention's summary took from DKernel's rows of the same run (--peer dkernel)."""
+  return [(s["impl"][len("ours_s2_"):], s["T"], s["fwd_vs_dkernel"], s["bwd_vs_dkernel"])
+          for s in _rows(p["attention_gpu"], "summary") if "fwd_vs_dkernel" in s]
 
 
 def _dkernel_text(p: Payloads) -> str:
