@@ -9,8 +9,6 @@ of split-K decoding, are put together.
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 
 
@@ -33,7 +31,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     if lse.shape != out_a.shape[:-1]:
       raise ValueError(f"{name} must have shape {out_a.shape[:-1]} (out without its last axis), "
                        f"got {lse.shape}")
-  out, lse = _merge_list([(out_a, lse_a), (out_b, lse_b)])
+  out, lse = merge_partials(jnp.stack([out_a, out_b]), jnp.stack([lse_a, lse_b]), axis=0)
   return out.astype(out_a.dtype), lse
 
 
@@ -41,25 +39,19 @@ def merge_partials(outs, lses, axis: int = 0):
   """Merges partial attentions stacked along `axis` (outs [..., E], lses = outs without E; axis
   not E's, counted from the front).
 
-  Returns (out float32, lse float32) with `axis` reduced. The parts are merged by elementwise
-  arithmetic over them (one fused loop, which the gathers and transposes that produce the
-  partials can fuse into), not by reductions over the axis.
+  Returns (out float32, lse float32) with `axis` reduced. Written as reductions over the axis:
+  on an H200 an elementwise form (the parts taken one by one) made split-K decode's merge up
+  to 2x slower.
   """
-  return _merge_list([(jnp.take(outs, i, axis), jnp.take(lses, i, axis))
-                      for i in range(outs.shape[axis])])
-
-
-def _merge_list(parts):
-  """The merge of a list of (out [..., E], lse [...]) partials, part by part (float32)."""
-  lses = [lse.astype(jnp.float32) for _, lse in parts]
-  m = functools.reduce(jnp.maximum, lses)
+  outs = outs.astype(jnp.float32)
+  lses = lses.astype(jnp.float32)
+  m = jnp.max(lses, axis=axis, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)  # all parts empty: weights e^{-inf} = 0
-  ws = [jnp.exp(lse - m) for lse in lses]
-  total = functools.reduce(jnp.add, ws)
-  safe = jnp.where(total == 0, 1.0, total)
-  out = functools.reduce(jnp.add, [o.astype(jnp.float32) * (w / safe)[..., None]
-                                   for (o, _), w in zip(parts, ws)])
-  return out, jnp.where(total == 0, -jnp.inf, m + jnp.log(safe))
+  w = jnp.exp(lses - m)  # [..., parts, ...]
+  total = jnp.sum(w, axis=axis, keepdims=True)
+  out = jnp.sum(outs * (w / jnp.where(total == 0, 1.0, total))[..., None], axis=axis)
+  lse = jnp.where(total == 0, -jnp.inf, m + jnp.log(jnp.where(total == 0, 1.0, total)))
+  return out, jnp.squeeze(lse, axis)
 
 
 def merge_attention_reference(out_a, lse_a, out_b, lse_b):
