@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from kvcache.decode import compute_weights
 from kvcache.paged import bucket, paged_decode_step, paged_prefill, prefix_groups
 from kvcache.pool import PagePool, apply_copies, init_paged_kv
 from kvcache.radix import RadixTree
@@ -213,6 +214,7 @@ class Engine:
     self.model = model
     self.cfg = config or EngineConfig()
     self.graphdef, self.params = nnx.split(model)
+    self.params = compute_weights(self.graphdef, self.params)  # cast once, not every step
 
   # Pages ------------------------------------------------------------------------------------------
 

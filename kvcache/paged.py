@@ -25,6 +25,7 @@ from flax import nnx
 
 from kvcache.attention import cache_attention
 from kvcache.cache import HeadGroup, LayerCache
+from kvcache.decode import compute_weights
 from kvcache.pool import PagedKV, PagePool, apply_copies, init_paged_kv
 from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
@@ -99,7 +100,8 @@ def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
 def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            tables: jax.Array, positions: jax.Array, groups: PrefixGroups, *,
                            kernel: bool = False,
-                           prefix_splits: int | None = None) -> tuple[jax.Array, jax.Array]:
+                           prefix_splits: int | None = None, packs: tuple[int, int] | None = None,
+                           prefix_row_tile: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of T new queries per row over its pages, each group's prefix attended once.
 
   Args:
@@ -142,6 +144,7 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     (o_p, lse_p), (o_s, lse_s) = paged_decode_attention_parts(
         [(rows, groups.tables, groups.length - 1), (q[:, 0], own, rel[:, 0])], k_pages,
         v_pages, num_splits=None if prefix_splits is None else [prefix_splits, 1],
+        packs=packs, row_tiles=None if prefix_row_tile is None else [prefix_row_tile, 16],
         merge_splits=False)
     o_p, lse_p = (_member_rows(x, mm, g)[idx] for x in (o_p, lse_p))
     lse_p = jnp.where(grouped, lse_p, -jnp.inf)
@@ -316,6 +319,7 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
   tree = RadixTree(pool)
   kv = init_paged_kv(cfg, num_pages, page_size)
   graphdef, params = nnx.split(model)
+  params = compute_weights(graphdef, params)  # cast once, not every step
   key = jax.random.key(seed)
   firsts, prefilled, shared = [0] * len(prompts), 0, []
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvcache.decode import compute_weights
 from kvcache.paged import bucket, paged_decode_step, paged_prefill
 from kvcache.pool import PagePool, apply_copies, init_paged_kv
 from kvcache.sampling import SamplingConfig, sample
@@ -73,6 +74,7 @@ class SearchTree:
                        f"{max_depth}")
     self.cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
+    self.params = compute_weights(self.graphdef, self.params)  # cast once, not every step
     self.step_token, self.stop_tokens = int(step_token), {int(t) for t in stop_tokens}
     self.max_step_tokens, self.max_depth = max_step_tokens, max_depth
     self.sampling = sampling or SamplingConfig(temperature=1.0)

@@ -230,3 +230,21 @@ def test_suffixes_prefilled_after_the_prompt_equal_one_prompt(model_1, prompts, 
   assert out == want
   with pytest.raises(ValueError, match="one non-empty token list per prompt"):
     generate(model_1, prompts, max_new_tokens=2, suffixes=[[1]])
+
+
+@pytest.mark.parametrize("kw, seed", [(CFG_1, 3), (CFG_121, 4)])
+def test_compute_weights_leave_the_model_exact(kw, seed):
+  """Matrices cast once to the compute dtype (what the decode loop runs on) give bit-identical
+  logits in a bf16 model, for every scale; vectors stay float32."""
+  from kvcache.decode import compute_weights
+  print(f"seed={seed}")
+  model = make_model(seed, **{**kw, "dtype": "bfloat16"})
+  graphdef, params = nnx.split(model)
+  cast = compute_weights(graphdef, params)
+  kinds = {(x.ndim >= 2, str(y.dtype)) for x, y in zip(jax.tree.leaves(params),
+                                                       jax.tree.leaves(cast))}
+  assert kinds == {(True, "bfloat16"), (False, "float32")}
+  tokens = random_tokens(seed, (2, 9), model.cfg.vocab_size)
+  for k in range(1, len(model.cfg.chains) + 1):
+    np.testing.assert_array_equal(forward(nnx.merge(graphdef, cast), tokens, k),
+                                  forward(model, tokens, k))
