@@ -174,9 +174,34 @@ def decode_speed(cfg, batch: int, prompt: int, new: int, presses: dict, repeats:
   return rows
 
 
+def speed_section(trained_cfg, args, save=None) -> dict:
+  """The speed rows of each --speed-presets entry ('trained': trained_cfg's shapes)."""
+  from colm.config import ModelConfig
+  out = {}
+  for preset in args.speed_presets:
+    mlen = args.speed_prompt + args.speed_new + 64
+    cfg = (trained_cfg.replace(max_seq_len=mlen) if preset == "trained"
+           else ModelConfig.preset(preset, max_seq_len=mlen))
+    presses = {m: make_press(m, args.speed_budget, room=args.speed_new + 16, bucket=64)
+               for m in args.methods}
+    print(f"speed: {preset} ({cfg.num_params() / 1e6:.0f}M), batch {args.speed_batch}, "
+          f"prompt {args.speed_prompt}, {args.speed_new} new tokens", flush=True)
+    out[preset] = {"params": cfg.num_params(), "batch": args.speed_batch,
+                   "prompt": args.speed_prompt, "new": args.speed_new,
+                   "budget": args.speed_budget,
+                   "rows": decode_speed(cfg, args.speed_batch, args.speed_prompt,
+                                        args.speed_new, presses)}
+    if save is not None:
+      save()
+  return out
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(prog="python -m experiments bench press")
-  ap.add_argument("--model", required=True, help="a folder written by experiments.longctx_train")
+  ap.add_argument("--model", default=None,
+                  help="a folder written by experiments.longctx_train (required but for "
+                       "--sections speed, which times random weights of the shapes of "
+                       "configs/longctx.yaml's model when no folder is given)")
   ap.add_argument("--quick", action="store_true", help="CPU: a small suite, no speed section")
   ap.add_argument("--methods", nargs="+", default=list(METHODS))
   ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
@@ -229,9 +254,23 @@ def main(argv=None) -> dict:
   for b in args.budgets:
     if not 0 < b <= 1:
       raise SystemExit(f"budget {b} must be a ratio in (0, 1]")
-  from colm.config import ModelConfig
   from experiments.longctx_train import load_model
   from experiments.task_classifier import TaskClassifier, oracle
+  if args.model is None:  # the speed section alone: timing does not depend on the weights
+    if set(args.sections) != {"speed"}:
+      raise SystemExit("--model is required unless --sections speed")
+    from experiments.config import load_config
+    cfg0 = load_config("longctx").model_config()
+    res = {"model": None, "model_config": "configs/longctx.yaml (random weights)",
+           "options": dict(OPTIONS), "methods": args.methods}
+    out_dir = Path(args.out) if args.out else RESULTS_DIR
+    t_start = time.time()
+    res["speed"] = speed_section(cfg0, args)
+    res["wall_s"] = time.time() - t_start
+    path = write_results("press_speed" if args.name == "press" else args.name, res, out_dir)
+    summary(res)
+    print(f"wrote {path}")
+    return res
   model, tok, info = load_model(args.model)
   from experiments.data import eot_token_id
   stop = eot_token_id(tok)
@@ -252,21 +291,7 @@ def main(argv=None) -> dict:
     return write_results(f"{args.name}", res, out_dir)
 
   if "speed" in sections:
-    res["speed"] = {}
-    for preset in args.speed_presets:
-      mlen = args.speed_prompt + args.speed_new + 64
-      cfg = (model.cfg.replace(max_seq_len=mlen) if preset == "trained"
-             else ModelConfig.preset(preset, max_seq_len=mlen))
-      presses = {m: make_press(m, args.speed_budget, room=args.speed_new + 16, bucket=64)
-                 for m in args.methods}
-      print(f"speed: {preset} ({cfg.num_params() / 1e6:.0f}M), batch {args.speed_batch}, "
-            f"prompt {args.speed_prompt}, {args.speed_new} new tokens", flush=True)
-      res["speed"][preset] = {"params": cfg.num_params(), "batch": args.speed_batch,
-                              "prompt": args.speed_prompt, "new": args.speed_new,
-                              "budget": args.speed_budget,
-                              "rows": decode_speed(cfg, args.speed_batch, args.speed_prompt,
-                                                   args.speed_new, presses)}
-      save()
+    res["speed"] = speed_section(model.cfg, args, save)
 
   examples = longctx.suite([length], n, args.seed, tokenizer=tok)
   if args.task_switch == "oracle":

@@ -121,6 +121,14 @@ def _grid_note(p: dict) -> str:
   return f"needle grid at budget {p.get('grid_budget')}; " if "grid" in p else ""
 
 
+def _speed_note(p: dict) -> str:
+  sp = next(iter(p["speed"].values()))
+  return (f"Decode speed alone ({p.get('model_config') or p.get('model')}): greedy decoding of "
+          f"{sp['new']} tokens after a {sp['prompt']}-token random prompt at batch "
+          f"{sp['batch']}, the full cache against each press at budget {sp['budget']} (applied "
+          f"after prefill); KV held: bytes of K/V over the full cache's.")
+
+
 def press_rows(p: dict) -> list[dict]:
   """bench press: one row per mode, method and budget (score, share of the full cache's,
   localization / aggregation scores, KV held), then the speed rows (mode 'speed ...')."""
@@ -310,7 +318,8 @@ SPECS: dict[str, TableSpec] = {
                  ("needle grid", "needle grid", _pct), ("KV held", "KV held", _pct),
                  ("decode tokens/s", "decode tokens/s", _rate), ("speed-up", "speed-up", _x)),
         rows=press_rows,
-        note=lambda p: (f"Suite at {p.get('length')} tokens, {p.get('n')} examples per family "
+        note=lambda p: _speed_note(p) if "speed" in p and "aware" not in p else (
+                        f"Suite at {p.get('length')} tokens, {p.get('n')} examples per family "
                         f"(7 families), greedy, exact scorers; KV held: bytes of K/V after "
                         f"compression over the full cache's, {p.get('room')} free slots per head "
                         f"included; {_grid_note(p)}WindowKV's "

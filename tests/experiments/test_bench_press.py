@@ -48,3 +48,21 @@ def test_speed_rows_and_bad_names(setup):
       == "all"
   with pytest.raises(ValueError, match="budget"):
     make_press("snapkv", 0.0)
+
+
+def test_speed_section_alone_needs_no_model(tmp_path):
+  """--sections speed without --model times random weights of configs/longctx.yaml's shapes
+  and writes press_speed_<backend>.json; any other section without a model is a one-line
+  error."""
+  import json
+
+  from experiments.bench_press import main
+  with pytest.raises(SystemExit, match="--model is required"):
+    main(["--sections", "speed", "aware"])
+  main(["--sections", "speed", "--speed-presets", "trained", "--methods", "snapkv",
+        "--speed-budget", "0.25", "--speed-prompt", "256", "--speed-new", "4",
+        "--speed-batch", "1", "--out", str(tmp_path)])
+  (path,) = tmp_path.glob("press_speed_*.json")
+  sp = json.loads(path.read_text())["speed"]["trained"]
+  assert [r["method"] for r in sp["rows"]] == ["full", "snapkv"] and sp["prompt"] == 256
+  assert sp["rows"][1]["kv_fraction"] < 0.5
