@@ -100,8 +100,7 @@ def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
 def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            tables: jax.Array, positions: jax.Array, groups: PrefixGroups, *,
                            kernel: bool = False,
-                           prefix_splits: int | None = None, packs: tuple[int, int] | None = None,
-                           prefix_row_tile: int | None = None) -> tuple[jax.Array, jax.Array]:
+                           prefix_splits: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of T new queries per row over its pages, each group's prefix attended once.
 
   Args:
@@ -119,11 +118,6 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     prefix_splits: with the kernel, the prefix pages cut into this many splits (default: the
       kernel's, none when the two parts' programs fill the GPU; on an H200 more splits did not
       run faster). Every row's prefix splits and own part are merged in one pass.
-    packs: with the kernel, (prefix, own) sequences per program (default (1, 16 // G): the own
-      part's short suffixes a few at a time, one loop over their pages, so that the kernel's
-      programs are long; see paged_decode_attention_parts).
-    prefix_row_tile: with the kernel, the prefix part's row tile (default 16: a group's M * G
-      rows as tiles of 16 over each page read once; 64 makes one tall dot for 48 rows).
   Returns:
     (out [B, T, K, G, E] in q's dtype, lse [B, T, K, G] float32): equal to attention over each
     row's whole table.
@@ -145,13 +139,10 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   idx = jnp.maximum(groups.slot, 0)
   grouped = (groups.slot >= 0)[:, None, None, None]
   if decode:  # both parts in one launch of the paged kernel, its float32 split partials
-    from pallas_kernels.decode import MIN_ROWS, paged_decode_attention_parts
-    packs = (1, max(1, MIN_ROWS // g)) if packs is None else packs
+    from pallas_kernels.decode import paged_decode_attention_parts
     (o_p, lse_p), (o_s, lse_s) = paged_decode_attention_parts(
         [(rows, groups.tables, groups.length - 1), (q[:, 0], own, rel[:, 0])], k_pages,
         v_pages, num_splits=None if prefix_splits is None else [prefix_splits, 1],
-        packs=list(packs),
-        row_tiles=None if prefix_row_tile is None else [prefix_row_tile, MIN_ROWS],
         merge_splits=False)
     o_p, lse_p = (_member_rows(x, mm, g)[idx] for x in (o_p, lse_p))
     lse_p = jnp.where(grouped, lse_p, -jnp.inf)

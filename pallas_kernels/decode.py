@@ -153,107 +153,74 @@ def _gather_rows(ref, rows, live, interpret: bool):
   return _pltriton.load(ref.at[rows, :], mask=mask, other=jnp.zeros((), ref.dtype))
 
 
-def _paged_part(h, local, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                batch: int, pack: int, group: int, block_tokens: int, row_tile: int,
-                num_splits: int, kv_heads: int, page_size: int, qk_scale: float,
-                interpret: bool):
-  """One (pack of sequences, KV head h, split) of a part: partial attention of the pack's
-  query rows over their page tables.
+def _paged_part(h, split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, seq,
+                group: int, block_tokens: int, row_tile: int, num_splits: int, kv_heads: int,
+                page_size: int, qk_scale: float, interpret: bool):
+  """One (sequence, KV head h, split) of a part: partial attention of its G query rows over a
+  page table.
 
-  q_pos_ref [B] int32, table_ref [B * W] int32 (sequence b's entry i at b * W + i: page of its
-  positions i * S .. i * S + S - 1), q_ref [B * K * G, E] (every part's rows, unpadded: row
-  (b * K + k) * G + g), k_ref / v_ref [num_pages * S, E], o_ref [nb * K * P * R, E] float32 and
-  lse_ref [nb * K * P * R] (row ((c * K + k) * P + p) * R + r for pack c, R = pack * G rows:
-  row r of a pack is sequence c * pack + r // G's head group row r % G); tokens past a
-  sequence's q_pos are not read.
-
-  The pack's sequences run one after the other through one loop (pack * the longest one's tiles)
-  and one running state of their R rows, each row attending only its own sequence's tiles: a few
-  short sequences of a few heads each (G << 16, which a dot pads to 16 rows anyway) make one
-  long program instead of many short ones. Each iteration reads a tile of block_tokens tokens:
-  gathered rows of several pages when it is larger than a page (the tile a small page size
-  would otherwise cut short), contiguous rows of one page when not. The R rows run as tiles of
-  row_tile rows (masked loads and stores past R) over each K / V tile read once: many rows (a
-  prefix group's queries) make independent small dots, or one tall one with row_tile >= R.
+  q_pos_ref [1] int32, table_ref [W] int32 (entry i: page table[i], positions i * S .. i * S +
+  S - 1), q_ref [B * K * G, E] (every part's rows, unpadded: row (b * K + k) * G + g),
+  k_ref / v_ref [num_pages * S, E], o_ref [B * K * P * G, E] float32 and lse_ref [B * K * P * G]
+  (row ((b * K + k) * P + p) * G + g); tokens past q_pos are not read. Each iteration reads a
+  tile of block_tokens tokens: gathered rows of several pages when it is larger than a page
+  (the tile a small page size would otherwise cut short), contiguous rows of one page when not.
+  The G rows run as tiles of row_tile rows (masked loads and stores past G) over each K / V
+  tile read once: many rows (a prefix group's queries) make independent small dots, or one
+  tall one with row_tile >= G.
   """
-  s, bs, tr, g = page_size, block_tokens, row_tile, group
-  n_packs = -(-batch // pack)
-  split, c = local // n_packs, local % n_packs
-  width = table_ref.shape[0] // batch
-  n_rows = pack * g
-  tiles = -(-n_rows // tr)
+  s, bs, tr = page_size, block_tokens, row_tile
+  n_entries = table_ref.shape[0]
+  tiles = -(-group // tr)
+  q_row = (seq * kv_heads + h) * group
+  o_row = ((seq * kv_heads + h) * num_splits + split) * group
   rows = lax.broadcasted_iota(jnp.int32, (tr,), 0)
-  if pack == 1:
-    q_row = (c * kv_heads + h) * g
-    qs = [_load_rows(q_ref, q_row + i * tr, tr, i * tr + rows < g) for i in range(tiles)]
-  else:  # the pack's rows gathered: sequence c * pack + r // G, head row r % G
-    qs = []
-    for i in range(tiles):
-      r = i * tr + rows
-      b = c * pack + r // g
-      live = (r < n_rows) & (b < batch)
-      qs.append(_gather_rows(q_ref, jnp.where(live, (b * kv_heads + h) * g + r % g, 0), live,
-                             interpret))
-
-  def n_tokens(i):  # tokens of the pack's i-th sequence up to its query's own (0 past B)
-    b = c * pack + i
-    n = jnp.minimum(q_pos_ref[jnp.minimum(b, batch - 1)] + 1, width * s)
-    return jnp.where(b < batch, n, 0)
-
-  per_seq = functools.reduce(jnp.maximum, [(n_tokens(i) + bs - 1) // bs for i in range(pack)])
-  per_seq = jnp.maximum(per_seq, 1)
-  n_iter = pack * per_seq
+  qs = [_load_rows(q_ref, q_row + i * tr, tr, i * tr + rows < group) for i in range(tiles)]
+  n_tok = jnp.minimum(q_pos_ref[0] + 1, n_entries * s)  # tokens up to the query's own
+  n_iter = (n_tok + bs - 1) // bs
   per_split = (n_iter + num_splits - 1) // num_splits
   first = split * per_split
   last = jnp.minimum(first + per_split, n_iter)
   iota = lax.broadcasted_iota(jnp.int32, (bs,), 0)
-  owner = [(i * tr + rows) // g for i in range(tiles)]  # each row's sequence in the pack
 
   def body(j, carry):
-    i, t = j // per_seq, j % per_seq  # the pack's i-th sequence, its tile t
-    base = (c * pack + jnp.minimum(i, pack - 1)) * width
-    tok = t * bs + iota  # [bs] logical token of each row
-    live = tok < n_tokens(i)
+    tok = j * bs + iota  # [bs] logical token of each row
+    live = tok < n_tok
     if bs <= s:  # within one page: contiguous rows
-      start = pl.multiple_of(table_ref[base + (t * bs) // s] * s + (t * bs) % s, bs)
+      start = pl.multiple_of(table_ref[(j * bs) // s] * s + (j * bs) % s, bs)
       k, v = (_load_rows(r, start, bs, live) for r in (k_ref, v_ref))
     else:
-      idx = table_ref[base + jnp.minimum(tok // s, width - 1)] * s + tok % s  # gathered rows
+      idx = table_ref[jnp.minimum(tok // s, n_entries - 1)] * s + tok % s  # gathered rows
       k, v = (_gather_rows(r, idx, live, interpret) for r in (k_ref, v_ref))
-    valid = [jnp.broadcast_to(live[None, :], (tr, bs)) if pack == 1 else
-             live[None, :] & (own == i)[:, None] for own in owner]
-    return tuple(_online_step(cr, qi, k, v, vi, qk_scale)
-                 for cr, qi, vi in zip(carry, qs, valid))
+    valid = jnp.broadcast_to(live[None, :], (tr, bs))
+    return tuple(_online_step(c, qi, k, v, valid, qk_scale) for c, qi in zip(carry, qs))
 
   outs = _run_blocks(first, last, body, tiles, tr, q_ref.shape[1])
-  o_row = ((c * kv_heads + h) * num_splits + split) * n_rows
   for i, (o, lse) in enumerate(outs):
-    live = i * tr + rows < n_rows
+    live = i * tr + rows < group
     _store_rows(o_ref, o_row + i * tr, live, o)
     _store_rows(lse_ref, o_row + i * tr, live, lse)
 
 
-def _paged_kernel(*refs, parts: tuple[tuple[int, int, int, int, int, int, int], ...], **kw):
-  """All parts' programs in one launch (grid (K, sum of nb_j * P_j), nb_j = ceil(B_j / pack_j)
-  packs): program i runs part j's (pack, split) when i falls in part j's range [offset,
-  offset + nb_j * P_j).
+def _paged_kernel(*refs, parts: tuple[tuple[int, int, int, int, int, int], ...], **kw):
+  """All parts' programs in one launch (grid (K, sum of B_i * P_i)): program i runs part j's
+  (sequence, split) when i falls in part j's range [offset, offset + B_j * P_j).
 
   refs: per part (q_pos, table, q), then k, v, then per part (o, lse); parts: per part
-  (offset, B, pack, P, G, block tokens, row tile), static.
+  (offset, B, P, G, block tokens, row tile), static.
   """
   n = len(parts)
   ins, (k_ref, v_ref), outs = refs[:3 * n], refs[3 * n:3 * n + 2], refs[3 * n + 2:]
   h, i = pl.program_id(0), pl.program_id(1)  # (read here: not inside a pl.when)
-  for j, (offset, b, pack, p, g, bs, tr) in enumerate(parts):
-    programs = -(-b // pack) * p
-    run = functools.partial(_paged_part, h, jnp.clip(i - offset, 0, programs - 1),
-                            *ins[3 * j:3 * j + 3], k_ref, v_ref, *outs[2 * j:2 * j + 2],
-                            batch=b, pack=pack, group=g, block_tokens=bs, row_tile=tr,
-                            num_splits=p, **kw)
+  for j, (offset, b, p, g, bs, tr) in enumerate(parts):
+    local = jnp.clip(i - offset, 0, b * p - 1)
+    run = functools.partial(_paged_part, h, local // b, *ins[3 * j:3 * j + 3], k_ref, v_ref,
+                            *outs[2 * j:2 * j + 2], seq=local % b, group=g, block_tokens=bs,
+                            row_tile=tr, num_splits=p, **kw)
     if n == 1:
       run()
     else:
-      pl.when((i >= offset) & (i < offset + programs))(run)
+      pl.when((i >= offset) & (i < offset + b * p))(run)
 
 
 def _pad_rows(q, dtype):
@@ -317,38 +284,45 @@ def _decode(q, k, v, pos, q_pos, mask, *, block_size, num_splits, sm_scale, num_
   return _merged(o, lse, G, q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_tokens", "row_tiles", "packs", "num_splits",
-                                             "sm_scale", "out_dtype", "merge_splits",
-                                             "num_warps", "num_stages", "interpret", "debug"))
-def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, row_tiles, packs, num_splits,
-           sm_scale, out_dtype, merge_splits, num_warps, num_stages, interpret, debug):
+def _seq_specs(offset: int, B: int, P: int, W: int):
+  """BlockSpecs of a part's q_pos and table in the (K, programs) grid: program i -> the part's
+  sequence, clamped into it (programs of other parts point at a block they never read)."""
+  def seq(h, i):
+    return jnp.clip(i - offset, 0, B * P - 1) % B, 0
+
+  return [pl.BlockSpec((None, 1), seq), pl.BlockSpec((None, W), seq)]
+
+
+@functools.partial(jax.jit, static_argnames=("block_tokens", "row_tiles", "num_splits", "sm_scale",
+                                             "out_dtype", "merge_splits", "num_warps",
+                                             "num_stages", "interpret", "debug"))
+def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, row_tiles, num_splits, sm_scale,
+           out_dtype, merge_splits, num_warps, num_stages, interpret, debug):
   """The paged kernel over parts (qs / tables / q_pos: tuples, part j [B_j, K, G_j, E] /
-  [B_j, W_j] / [B_j]) in one launch; pages [K, P, S, E] read in place, queries, tables and
-  outputs as flat unpadded rows (the interpreter gets a row tile of slack: its slices clamp),
-  each part's num_splits[j] splits merged (merge_splits) or returned as float32 partials."""
+  [B_j, W_j] / [B_j]) in one launch; pages [K, P, S, E] read in place, queries and outputs as
+  flat unpadded rows (the interpreter gets a row tile of slack: its slices clamp), each
+  part's num_splits[j] splits merged (merge_splits) or returned as float32 partials."""
   kh, p, s, E = k_pages.shape
   k, v = k_pages.reshape(kh, p * s, E), v_pages.reshape(kh, p * s, E)
   slack = max(row_tiles) if interpret else 0
   args, in_specs, out_specs, out_shape, parts = [], [], [], [], []
-  whole = lambda x: pl.BlockSpec(x.shape, lambda h, i: (0,) * x.ndim)  # noqa: E731
   offset = 0
-  for q, t, qp_, pack, n_split, bs, tr in zip(qs, tables, q_pos, packs, num_splits,
-                                              block_tokens, row_tiles):
-    B = t.shape[0]
+  for q, t, qp_, n_split, bs, tr in zip(qs, tables, q_pos, num_splits, block_tokens, row_tiles):
+    B, W = t.shape
     G = q.shape[2]
     qf = q.astype(k_pages.dtype).reshape(B * kh * G, E)
     if slack:
       qf = jnp.pad(qf, ((0, slack), (0, 0)))
-    part_args = [qp_.astype(jnp.int32), t.astype(jnp.int32).reshape(-1), qf]
-    args += part_args
-    in_specs += [whole(x) for x in part_args]
-    n_packs = -(-B // pack)
-    n_out = n_packs * kh * n_split * pack * G + slack
+    args += [qp_.astype(jnp.int32)[:, None], t.astype(jnp.int32), qf]
+    in_specs += _seq_specs(offset, B, n_split, W) + [
+        pl.BlockSpec(qf.shape, lambda h, i: (0, 0))]
+    n_out = B * kh * n_split * G + slack
+    out_specs += [pl.BlockSpec((n_out, E), lambda h, i: (0, 0)),
+                  pl.BlockSpec((n_out,), lambda h, i: (0,))]
     out_shape += [jax.ShapeDtypeStruct((n_out, E), jnp.float32),
                   jax.ShapeDtypeStruct((n_out,), jnp.float32)]
-    out_specs += [whole(x) for x in out_shape[-2:]]
-    parts.append((offset, B, pack, n_split, G, bs, tr))
-    offset += n_packs * n_split
+    parts.append((offset, B, n_split, G, bs, tr))
+    offset += B * n_split
   kv_spec = pl.BlockSpec((None, p * s, E), lambda h, i: (h, 0, 0))
   res = pl.pallas_call(
       functools.partial(_paged_kernel, parts=tuple(parts), kv_heads=kh, page_size=s,
@@ -358,16 +332,10 @@ def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, row_tiles, pack
       debug=debug, name="paged_decode_attention",
   )(*args, k, v)
   outs = []
-  for j, (q, (_, B, pack, n_split, G, _, _)) in enumerate(zip(qs, parts)):
-    nb = -(-B // pack)
-    n = nb * kh * n_split * pack * G
-
-    def unpack(x, nb=nb, pack=pack, n_split=n_split, G=G, B=B, n=n):
-      # [nb * K * P * pack * G, ...] pack-major rows -> [B, K, P, G, ...]
-      x = x[:n].reshape(nb, kh, n_split, pack, G, *x.shape[1:])
-      return jnp.moveaxis(x, 3, 1).reshape(nb * pack, kh, n_split, G, *x.shape[5:])[:B]
-
-    o, lse = unpack(res[2 * j]), unpack(res[2 * j + 1])
+  for j, (q, (_, B, n_split, G, _, _)) in enumerate(zip(qs, parts)):
+    n = B * kh * n_split * G
+    o = res[2 * j][:n].reshape(B, kh, n_split, G, E)
+    lse = res[2 * j + 1][:n].reshape(B, kh, n_split, G)
     outs.append(_merged(o, lse, G, out_dtype or q.dtype) if merge_splits else (o, lse))
   return tuple(outs)
 
@@ -551,9 +519,8 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
 
 
 def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | None = None,
-                                 block_tokens=None, row_tiles=None, packs=None,
-                                 num_splits=None, out_dtype=None, merge_splits: bool = True,
-                                 num_warps: int = 4,
+                                 block_tokens=None, row_tiles=None, num_splits=None,
+                                 out_dtype=None, merge_splits: bool = True, num_warps: int = 4,
                                  num_stages: int = 2, interpret: bool | None = None,
                                  debug: bool = False):
   """paged_decode_attention of several parts over one pool in ONE kernel launch.
@@ -563,11 +530,8 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   different shapes (a shared prefix's group rows over long tables, each sequence's own rows over
   short ones) keep the GPU busy together rather than one launch after the other.
 
-  block_tokens, row_tiles, packs, num_splits: None or one int per part. Default tiles:
+  block_tokens, row_tiles, num_splits: None or one int per part. Default tiles:
   default_block_tokens tokens and MIN_ROWS rows (row tiles: powers of two >= 16).
-  packs: sequences per program (default 1), run one after the other through one loop and one
-  running state of their pack * G_j rows (MIN_ROWS // G_j fills a row tile): short sequences
-  of a few heads make long programs, not many short ones.
   Default splits: for one part, enough programs to fill the GPU, each keeping >= 4 tiles; for
   several parts, none while their programs together fill it (a split's partials cost a merge),
   else each part's own default.
@@ -584,31 +548,24 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
       raise ValueError(f"q_pos must be an int [B={B}] array, got "
                        f"{getattr(q_pos, 'shape', None)}")
   for name, val in (("block_tokens", block_tokens), ("row_tiles", row_tiles),
-                    ("packs", packs), ("num_splits", num_splits)):
+                    ("num_splits", num_splits)):
     if val is not None and len(val) != len(parts):
       raise ValueError(f"{name} needs one entry per part ({len(parts)}), got {val!r}")
-  packs = tuple(1 for _ in parts) if packs is None else tuple(packs)
-  for pk in packs:
-    if isinstance(pk, bool) or not isinstance(pk, int) or pk < 1:
-      raise ValueError(f"packs must be positive ints, got {pk!r}")
   item = k_pages.dtype.itemsize
   tiles = [_tile(block_tokens[j], "block_tokens must be a power of two") if block_tokens is not None
            else default_block_tokens(d[3], item, q.shape[2])
            for j, (d, (q, _, _)) in enumerate(zip(dims, parts))]
-  # tiles of a program's full tables, and its packs
-  iters = [pk * -(-d[4] * d[2] // bs) for d, bs, pk in zip(dims, tiles, packs)]
-  n_packs = [-(-d[0] // pk) for d, pk in zip(dims, packs)]
+  iters = [-(-d[4] * d[2] // bs) for d, bs in zip(dims, tiles)]  # tiles of a full table
   if num_splits is None:
-    fill = len(parts) > 1 and sum(n_packs) * dims[0][1] >= TARGET_PROGRAMS
-    num_splits = [1 if fill else _default_splits(nb, d[1], n)
-                  for d, nb, n in zip(dims, n_packs, iters)]
+    fill = len(parts) > 1 and sum(d[0] for d in dims) * dims[0][1] >= TARGET_PROGRAMS
+    num_splits = [1 if fill else _default_splits(d[0], d[1], n) for d, n in zip(dims, iters)]
   splits = tuple(max(1, min(int(p), n)) for p, n in zip(num_splits, iters))
   E = dims[0][3]
   return list(_paged(tuple(p[0] for p in parts), k_pages, v_pages, tuple(p[1] for p in parts),
                      tuple(p[2] for p in parts), block_tokens=tuple(tiles),
                      row_tiles=tuple(_tile(r, "row_tiles must be powers of two")
                                      for r in row_tiles or [MIN_ROWS] * len(parts)),
-                     packs=packs, num_splits=splits,
+                     num_splits=splits,
                      sm_scale=float(1.0 / math.sqrt(E) if sm_scale is None else sm_scale),
                      out_dtype=out_dtype, merge_splits=bool(merge_splits), num_warps=num_warps,
                      num_stages=num_stages,

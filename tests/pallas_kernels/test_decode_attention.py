@@ -248,36 +248,6 @@ def test_paged_decode_parts_in_one_launch_equal_each_alone(seed, compiled):
     paged_decode_attention_parts([], kp, vp)
 
 
-@pytest.mark.parametrize("pack,splits,bs", [(2, 1, 32), (3, 2, 16), (5, 3, 64), (4, 1, 16)])
-def test_paged_decode_packs_equal_one_sequence_per_program(pack, splits, bs, seed, compiled):
-  """Packs of sequences (a batch that is no multiple of the pack, lengths from one token to a
-  full table, splits that cut across the pack's sequences, tiles of several pages and of part
-  of one) equal one sequence per program, merged and as unmerged partials."""
-  rng = np.random.default_rng(seed)
-  B, K, G, S, E, P, W = 7, 2, 3, 16, 16, 30, 4
-  kp, vp = (rng.standard_normal((K, P, S, E)).astype(np.float32) for _ in range(2))
-  q = rng.standard_normal((B, K, G, E)).astype(np.float32)
-  tables = np.stack([rng.permutation(P)[:W] for _ in range(B)]).astype(np.int32)
-  q_pos = rng.integers(0, W * S, B).astype(np.int32)
-  q_pos[0], q_pos[-1] = 0, W * S - 1
-  want_o, want_lse = compiled(lambda *x: paged_decode_attention(*x, num_splits=1,
-                                                                block_tokens=bs),
-                              q, kp, vp, tables, q_pos)
-  (o, lse), = compiled(lambda *x: paged_decode_attention_parts(
-      [x], kp, vp, packs=[pack], num_splits=[splits], block_tokens=[bs]), q, tables, q_pos)
-  np.testing.assert_allclose(np.asarray(o), np.asarray(want_o), atol=2e-5)
-  np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-5)
-  (po, plse), = compiled(lambda *x: paged_decode_attention_parts(
-      [x], kp, vp, packs=[pack], num_splits=[splits], block_tokens=[bs], merge_splits=False),
-      q, tables, q_pos)
-  assert po.shape == (B, K, splits, G, E)
-  o2, lse2 = merge_partials(po, plse, axis=2)
-  np.testing.assert_allclose(np.asarray(o2), np.asarray(want_o), atol=2e-5)
-  np.testing.assert_allclose(np.asarray(lse2), np.asarray(want_lse), atol=2e-5)
-  with pytest.raises(ValueError, match="packs must be positive ints, got 0"):
-    paged_decode_attention_parts([(q, tables, q_pos)], kp, vp, packs=[0])
-
-
 def test_paged_decode_bad_input():
   q = jnp.zeros((2, 2, 4, 16))
   kp = jnp.zeros((2, 8, 16, 16))
