@@ -28,6 +28,7 @@ from kvcache.cache import (
 from kvcache.compression import Compression
 from kvcache.decode import (
   apply_policy,
+  compute_weights,
   decode_loop,
   decode_step,
   generate,
@@ -56,7 +57,8 @@ from kvcache.windowkv import WindowKV
 __all__ = ["H2O", "Press", "PyramidKV", "SnapKV", "StreamingLLM", "WindowKV",
            "Compression", "HeadGroup", "KVCache", "LayerCache", "OutOfPages", "PagePool",
            "PagedKV", "PagedLayerCache", "PrefixGroups", "RadixTree", "SamplingConfig",
-           "apply_policy", "copy_pages", "decode_loop", "decode_step", "free_slots", "generate",
+           "apply_policy", "compute_weights", "copy_pages", "decode_loop", "decode_step",
+           "free_slots", "generate",
            "generate_shared", "init_cache", "init_paged_kv", "map_positions", "paged_decode_step",
            "paged_prefill", "prefill", "prefill_chunked", "prefix_groups",
            "register_decode_attention", "repack", "sample", "shared_paged_attention",
