@@ -174,10 +174,10 @@ def decode_speed(cfg, batch: int, prompt: int, new: int, presses: dict, repeats:
   return rows
 
 
-def speed_section(trained_cfg, args, save=None) -> dict:
-  """The speed rows of each --speed-presets entry ('trained': trained_cfg's shapes)."""
+def speed_section(trained_cfg, args, out: dict, save) -> None:
+  """Fills out with the speed rows of each --speed-presets entry ('trained': trained_cfg's
+  shapes), calling save() after each, so that a run cut short keeps the presets it timed."""
   from colm.config import ModelConfig
-  out = {}
   for preset in args.speed_presets:
     mlen = args.speed_prompt + args.speed_new + 64
     cfg = (trained_cfg.replace(max_seq_len=mlen) if preset == "trained"
@@ -191,9 +191,7 @@ def speed_section(trained_cfg, args, save=None) -> dict:
                    "budget": args.speed_budget,
                    "rows": decode_speed(cfg, args.speed_batch, args.speed_prompt,
                                         args.speed_new, presses)}
-    if save is not None:
-      save()
-  return out
+    save()
 
 
 def main(argv=None) -> dict:
@@ -254,23 +252,30 @@ def main(argv=None) -> dict:
   for b in args.budgets:
     if not 0 < b <= 1:
       raise SystemExit(f"budget {b} must be a ratio in (0, 1]")
-  from experiments.longctx_train import load_model
-  from experiments.task_classifier import TaskClassifier, oracle
+  out_dir = Path(args.out) if args.out else RESULTS_DIR
+  name = args.name
+  res: dict = {}
+
+  def save():
+    res["wall_s"] = time.time() - t_start
+    return write_results(name, res, out_dir)
+
   if args.model is None:  # the speed section alone: timing does not depend on the weights
     if set(args.sections) != {"speed"}:
       raise SystemExit("--model is required unless --sections speed")
     from experiments.config import load_config
-    cfg0 = load_config("longctx").model_config()
-    res = {"model": None, "model_config": "configs/longctx.yaml (random weights)",
-           "options": dict(OPTIONS), "methods": args.methods}
-    out_dir = Path(args.out) if args.out else RESULTS_DIR
+    name = "press_speed" if args.name == "press" else args.name
+    res.update({"model": None, "model_config": "configs/longctx.yaml (random weights)",
+                "options": dict(OPTIONS), "methods": args.methods})
     t_start = time.time()
-    res["speed"] = speed_section(cfg0, args)
-    res["wall_s"] = time.time() - t_start
-    path = write_results("press_speed" if args.name == "press" else args.name, res, out_dir)
+    res["speed"] = {}
+    speed_section(load_config("longctx").model_config(), args, res["speed"], save)
+    path = save()
     summary(res)
     print(f"wrote {path}")
     return res
+  from experiments.longctx_train import load_model
+  from experiments.task_classifier import TaskClassifier, oracle
   model, tok, info = load_model(args.model)
   from experiments.data import eot_token_id
   stop = eot_token_id(tok)
@@ -279,19 +284,15 @@ def main(argv=None) -> dict:
   n = args.n or (2 if args.quick else 16)
   backend = jax.default_backend()
   sections = [s for s in args.sections if not (args.quick and s == "speed")]
-  res: dict = {"model": str(args.model), "model_info": info, "length": length, "n": n,
-               "methods": args.methods, "budgets": args.budgets, "task_switch": args.task_switch,
-               "room": ROOM, "max_new": args.max_new, "options": dict(OPTIONS),
-               "batch": args.batch}
-  out_dir = Path(args.out) if args.out else RESULTS_DIR
+  res.update({"model": str(args.model), "model_info": info, "length": length, "n": n,
+              "methods": args.methods, "budgets": args.budgets, "task_switch": args.task_switch,
+              "room": ROOM, "max_new": args.max_new, "options": dict(OPTIONS),
+              "batch": args.batch})
   t_start = time.time()
 
-  def save():
-    res["wall_s"] = time.time() - t_start
-    return write_results(f"{args.name}", res, out_dir)
-
   if "speed" in sections:
-    res["speed"] = speed_section(model.cfg, args, save)
+    res["speed"] = {}
+    speed_section(model.cfg, args, res["speed"], save)
 
   examples = longctx.suite([length], n, args.seed, tokenizer=tok)
   if args.task_switch == "oracle":
