@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from colm.config import resolve_dtype
 from kvcache.cache import KVCache, free_slots, init_cache, truncate
 from kvcache.compression import Compression
 from kvcache.sampling import SamplingConfig, sample
@@ -29,7 +30,6 @@ def compute_weights(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.State:
   but inside a compiled decode loop XLA repeats those casts at every step (on an H200, a quarter
   of a small model's decode step). Generation casts once, before its loop.
   """
-  from colm.config import resolve_dtype
   dt = jnp.dtype(resolve_dtype(nnx.merge(graphdef, params).cfg.dtype))
   return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating)
                       and x.ndim >= 2 and x.dtype != dt else x, params)
