@@ -140,10 +140,10 @@ class ModelConfig:
   def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
 
-  def num_params(self, num_chains: int | None = None) -> int:
-    """Parameter count of the k-chain sub-model (all chains by default), embedding included once."""
-    k = self.num_chains if num_chains is None else num_chains
-
+  def _layer_matmul_params(self, k: int, kv_chains: int | None = None) -> int:
+    """Weights of one layer's matmuls in the k-chain sub-model (norms left out); kv_chains: the
+    chains whose K / V projections run (default k; a CoLM-Air chain-1 prefill writes every
+    chain's K / V from chain 1's states)."""
     def chain_linear(ins, outs):
       return sum(sum(ins[: i + 1]) * outs[i] for i in range(k))
 
@@ -151,10 +151,18 @@ class ModelConfig:
     q = tuple(h * self.head_dim for h in self.chain_heads)
     kv = tuple(h * self.head_dim for h in self.chain_kv_heads)
     f = self.chain_ffn
+    kc = k if kv_chains is None else kv_chains
     # Air: K and V of every chain are dense projections of chain 1 (D_1 inputs each).
-    kv_params = 2 * d[0] * sum(kv[:k]) if self.air else 2 * chain_linear(d, kv)
-    per_layer = (chain_linear(d, q) + kv_params + chain_linear(q, d)
-                 + 2 * chain_linear(d, f) + chain_linear(f, d) + 2 * sum(d[:k]))
+    kv_params = (2 * d[0] * sum(kv[:kc]) if self.air else
+                 2 * sum(sum(d[: i + 1]) * kv[i] for i in range(kc)))
+    return (chain_linear(d, q) + kv_params + chain_linear(q, d) + 2 * chain_linear(d, f)
+            + chain_linear(f, d))
+
+  def num_params(self, num_chains: int | None = None) -> int:
+    """Parameter count of the k-chain sub-model (all chains by default), embedding included once."""
+    k = self.num_chains if num_chains is None else num_chains
+    d = self.chain_dims
+    per_layer = self._layer_matmul_params(k) + 2 * sum(d[:k])
     n = self.n_layers * per_layer + sum(d[:k]) + self.vocab_size * sum(d[:k])
     if self.separate_heads:  # head j maps the first j chains: D_<=j x V
       n += self.vocab_size * sum(sum(d[: j + 1]) for j in range(k))
@@ -168,6 +176,20 @@ class ModelConfig:
     k = self.num_chains if num_chains is None else num_chains
     attn = 6 * self.n_layers * sum(self.chain_heads[:k]) * self.head_dim * seq_len
     return 6 * self.num_params(k) + attn
+
+  def prefill_flops(self, seq_len: int, num_chains: int | None = None,
+                    kv_chains: int | None = None) -> tuple[float, float]:
+    """(matmul FLOPs, attention FLOPs) of a forward pass of the k-chain sub-model over a causal
+    prompt of seq_len tokens, the LM head left out (a prefill applies it to one token).
+
+    Matmuls: 2 FLOPs per weight per token; kv_chains as in _layer_matmul_params (a CoLM-Air
+    chain-1 prefill: num_chains=1, kv_chains=all). Attention: Q K^T and P V of each of the k
+    chains' query heads over the seq_len^2 / 2 causal pairs, 2 * 2 * head_dim FLOPs a pair.
+    """
+    k = self.num_chains if num_chains is None else num_chains
+    matmul = 2.0 * self.n_layers * self._layer_matmul_params(k, kv_chains) * seq_len
+    attn = 2.0 * self.n_layers * sum(self.chain_heads[:k]) * self.head_dim * seq_len ** 2
+    return matmul, attn
 
   # Presets --------------------------------------------------------------------------------------
 

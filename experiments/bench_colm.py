@@ -72,6 +72,13 @@ def bench_prefill(model, prompt: int, repeats: int) -> dict:
     row[f"{name}_compile_s"] = times[0]
     del caches
   row["speedup"] = row["full_ms"] / row["chain1_ms"]
+  # Model FLOPs of each path and attention's share of them: the speed-up's ceiling is set by
+  # how much of the full prefill chain 1 leaves out (its attention share grows with the prompt).
+  for name, (k, kv) in (("full", (None, None)), ("chain1", (1, cfg.num_chains))):
+    matmul, attn = cfg.prefill_flops(prompt, k, kv)
+    row[f"{name}_tflop"] = (matmul + attn) / 1e12
+    row[f"{name}_attn_share"] = attn / (matmul + attn)
+  row["flop_ratio"] = row["full_tflop"] / row["chain1_tflop"]
   # Same first-token logits (bf16 rounding apart): the two paths compute the same thing.
   a, b = np.asarray(out["full"], np.float32), np.asarray(out["chain1"], np.float32)
   row["logits_max_abs_diff"] = float(np.max(np.abs(a - b)))
@@ -116,8 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--batch", type=int, default=32, help="train batch")
   ap.add_argument("--seq", type=int, default=1024, help="train sequence length")
   ap.add_argument("--steps", type=int, default=8, help="timed train steps")
-  ap.add_argument("--prompts", default="4096,16384,32768", help="prefill prompt lengths")
-  ap.add_argument("--repeats", type=int, default=5, help="timed prefill calls")
+  ap.add_argument("--prompts", default="4096,16384,32768,65536,131072,262144",
+                  help="prefill prompt lengths")
+  ap.add_argument("--repeats", type=int, default=5, help="timed prefill calls (3 past 64K)")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--attn", default="auto")
   ap.add_argument("--budget-s", type=float, default=150.0,
@@ -173,10 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
     for prompt in prompts:
       if over_budget(f"prefill {chains} {prompt}"):
         continue
-      r = bench_prefill(model, prompt, args.repeats)
+      r = bench_prefill(model, prompt, args.repeats if prompt <= 65536 else min(args.repeats, 3))
       prefill_rows.append(r)
       print(f"prefill Air {str(chains):14} {prompt:6d} tokens: full {r['full_ms']:.2f} ms, "
-            f"chain-1 {r['chain1_ms']:.2f} ms, {r['speedup']:.2f}x", flush=True)
+            f"chain-1 {r['chain1_ms']:.2f} ms, {r['speedup']:.2f}x (FLOP ratio "
+            f"{r['flop_ratio']:.2f}x; attention {r['full_attn_share']:.0%} / "
+            f"{r['chain1_attn_share']:.0%} of the FLOPs)", flush=True)
   run_train(extra_train)
 
   base_ms = next((r["step_ms"] for r in train_rows if r["variant"] == "baseline"), None)
@@ -200,10 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{r['variant']:16} {str(tuple(r['chains'])):14} {r['params'] / 1e6:7.1f}M "
           f"{r['step_ms']:9.1f} {'' if ratio is None else f'{ratio:7.2f}x':>8}")
   print(f"\n{'Air prefill':16} {'chains':14} {'tokens':>8} {'full ms':>9} {'chain-1 ms':>10} "
-        f"{'speed-up':>9}")
+        f"{'speed-up':>9} {'FLOP ratio':>10} {'attn full':>9} {'attn ch-1':>9}")
   for r in prefill_rows:
     print(f"{'':16} {str(tuple(r['chains'])):14} {r['prompt_tokens']:8d} {r['full_ms']:9.2f} "
-          f"{r['chain1_ms']:10.2f} {r['speedup']:8.2f}x")
+          f"{r['chain1_ms']:10.2f} {r['speedup']:8.2f}x {r['flop_ratio']:9.2f}x "
+          f"{r['full_attn_share']:9.0%} {r['chain1_attn_share']:9.0%}")
   if skipped:
     print(f"skipped (over --budget-s {args.budget_s:.0f}): {', '.join(skipped)}")
   print(f"wrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - t_start:.0f} s)")

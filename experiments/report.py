@@ -202,10 +202,15 @@ SPECS: dict[str, TableSpec] = {
         columns=(("chains", "chains", _plain), ("prompt", "prompt_tokens", _plain),
                  ("params", "params", _count), ("chain-1 params", "chain1_params", _count),
                  ("full ms", "full_ms", _ms), ("chain-1 ms", "chain1_ms", _ms),
-                 ("speed-up", "speedup", _x), ("same argmax", "same_argmax", _plain)),
+                 ("speed-up", "speedup", _x), ("FLOP ratio", "flop_ratio", _x),
+                 ("attention share, full", "full_attn_share", _pct),
+                 ("attention share, chain 1", "chain1_attn_share", _pct),
+                 ("same argmax", "same_argmax", _plain)),
         note=lambda p: "CoLM-Air, batch 1, bf16: `prefill_last` (all chains over the prompt) "
                        "against `air_prefill` (chain 1 over the prompt, the last token through "
-                       "all chains); same cache and first-token logits."),
+                       "all chains); same cache and first-token logits. FLOP ratio: the full "
+                       "prefill's model FLOPs over chain 1's (ModelConfig.prefill_flops, the LM "
+                       "head left out); attention share: causal attention's part of each."),
     "colm_experiments": TableSpec(
         columns=(("variant", "variant", _plain), ("chains", "chains", _plain),
                  ("Air", "air", _plain), ("params", "params", _count),

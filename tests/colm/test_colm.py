@@ -123,6 +123,20 @@ def test_air_keys_and_values_read_chain_one_only():
     assert sub_config(cfg, k).num_params() == cfg.num_params(k)
 
 
+def test_prefill_flops_count_the_weights_and_causal_pairs():
+  cfg = make_cfg(**VARIANTS["air121"])
+  t, d = 12, cfg.chain_dims
+  norms = lambda k: (2 * cfg.n_layers + 1) * sum(d[:k])  # noqa: E731
+  for k in range(1, cfg.num_chains + 1):
+    matmul, attn = cfg.prefill_flops(t, k)
+    weights = cfg.num_params(k) - cfg.vocab_size * sum(d[:k]) - norms(k)  # tied head: no matmul
+    assert matmul == 2 * t * weights
+    assert attn == 2 * cfg.n_layers * sum(cfg.chain_heads[:k]) * cfg.head_dim * t * t
+  # A CoLM-Air chain-1 prefill also projects every chain's K and V from chain 1.
+  extra = cfg.prefill_flops(t, 1, cfg.num_chains)[0] - cfg.prefill_flops(t, 1)[0]
+  assert extra == 2 * t * cfg.n_layers * 2 * d[0] * sum(cfg.chain_kv_heads[1:]) * cfg.head_dim
+
+
 # --- multi-scale loss --------------------------------------------------------------------------
 
 
