@@ -371,7 +371,7 @@ SPECS: dict[str, TableSpec] = {
                         f"{p.get('rollout_traces_used')} traces.")),
     "search": TableSpec(
         columns=(("width", "width", _plain), ("method", "method", _plain),
-                 ("accuracy (vote)", "accuracy_vote", _pct),
+                 ("sweep", "sweep", _plain), ("accuracy (vote)", "accuracy_vote", _pct),
                  ("accuracy (best PRM)", "accuracy_best", _pct), ("pass@N", "pass_at_n", _pct),
                  ("mean KV pages", "mean_pages_no_prompt", lambda v: f"{v:.1f}"),
                  ("peak KV pages", "peak_pages_no_prompt", lambda v: f"{v:.1f}"),
@@ -380,6 +380,7 @@ SPECS: dict[str, TableSpec] = {
                  ("tokens x (vs REBASE)", "kv_tokens_x_vs_rebase", _x),
                  ("problems/s", "problems_per_s", lambda v: f"{v:.2f}"),
                  ("speed x (vs REBASE)", "speed_x_vs_rebase", _x),
+                 ("compile s", "compile_s", lambda v: f"{v:.1f}"),
                  ("ILP share", "ilp_share", _pct)),
         note=lambda p: (f"{p.get('n')} held-out problems per cell (family "
                         f"{p.get('model_info', {}).get('family')}), policy greedy accuracy "
@@ -387,10 +388,13 @@ SPECS: dict[str, TableSpec] = {
                         f"temperature {p.get('temperature')}, at most {p.get('max_depth')} steps, "
                         f"{p.get('children')} children per beam (beam, DVTS); KV pages: pages of "
                         f"{p.get('page_size', 16)} tokens held, the prompt's excluded (mean over "
-                        f"the search's steps, then over problems); ETS at the paper's lambdas, "
-                        f"its ILP by {p.get('ilp_solver', 'cvxpy+HiGHS')}; ILP share: ETS's step "
+                        f"the search's steps, then over problems); ETS at the paper's lambdas "
+                        f"unless a sweep says otherwise, its ILP by "
+                        f"{p.get('ilp_solver', 'cvxpy+HiGHS')}; ILP share: ETS's step "
                         f"selection ({p.get('ilp_share_counts', 'step embeddings, clustering')}"
-                        f" and the program) over the wall time.")),
+                        f" and the program) over the wall time"
+                        + (", both with the cell's compile time (compile s) left out."
+                           if any("compile_s" in r for r in p.get("rows", [])) else "."))),
     "longctx_train": TableSpec(
         columns=(("step", "step", _plain), ("needle", "needle", _pct),
                  ("multikey", "multikey", _pct), ("multivalue", "multivalue", _pct),

@@ -58,6 +58,27 @@ def pct(x: float | None) -> str:
   return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+_COMPILE_S = [0.0]  # seconds of JAX tracing, lowering and compiling seen so far (see below)
+_COMPILE_EVENT = "/jax/core/compile/"
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+  if event.startswith(_COMPILE_EVENT):
+    _COMPILE_S[0] += seconds
+
+
+def compile_seconds() -> float:
+  """A running total of the seconds JAX spent tracing, lowering and compiling (jax.monitoring's
+  /jax/core/compile/ duration events), counted from the first call of this function, which
+  installs the listener: a benchmark reads it before and after a timed region and reports the
+  difference apart from the wall time (a shape first seen inside the region compiles there)."""
+  if not getattr(compile_seconds, "installed", False):
+    import jax.monitoring
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    compile_seconds.installed = True
+  return _COMPILE_S[0]
+
+
 def write_results(name: str, payload: dict[str, Any], out_dir: str | os.PathLike | None = None
                   ) -> Path:
   """Writes {environment, **payload} to <out_dir>/<name>_<backend>.json and returns the path.

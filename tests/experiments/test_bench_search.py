@@ -17,6 +17,9 @@ def test_quick_bench_runs_every_method(tmp_path):
   for r in res["rows"]:
     assert 0.0 <= r["accuracy_vote"] <= r["pass_at_n"] <= 1.0
     assert r["peak_pages"] >= r["mean_pages"] > 0 and r["problems_per_s"] > 0
+    # Compile time is measured apart and left out of the rate.
+    assert r["compile_s"] >= 0 and r["problems_per_s"] >= r["problems_per_s_with_compile"]
+  assert res["rows"][0]["compile_s"] > 0  # the first cell compiles the policy's shapes
   assert res["rows"][-1]["sweep"] == "lambda_b=2.0"
   assert 0.0 <= res["greedy_accuracy"] <= 1.0
   saved = json.loads((tmp_path / "search_cpu.json").read_text())
