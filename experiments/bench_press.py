@@ -45,7 +45,9 @@ ROOM = 128  # free slots per head after compression: the question (query-agnosti
 # MPCache (mpc.mpcache): static eviction alone, + the paper's two-level dynamic selection (50% of
 # 32-token clusters, then 20% of 16-token children), + one level of 20% (what mpc.secure runs).
 MPCACHE = {"mpcache": None, "mpcache-dyn": {"keep1": 0.5, "child": 16, "keep2": 0.2},
-           "mpcache-dyn1": {"keep1": 0.2, "child": 0}}
+           "mpcache-dyn1": {"keep1": 0.2, "child": 0},
+           # ablation: + the last 32 tokens always attended (Dynamic.recent)
+           "mpcache-dyn-recent": {"keep1": 0.5, "child": 16, "keep2": 0.2, "recent": 32}}
 MPCACHE_WINDOW = 512  # window queries scored; MPCache uses the last 20% of the prompt's (<= this)
 
 OPTIONS: dict = {}  # method -> field overrides (--gamma, --beta), set by main

@@ -94,6 +94,9 @@ class Dynamic:
     size: S, level-1 cluster size; keep1: share of the middle clusters kept at level 1.
     child: S_2, level-2 child size (0 = one level); keep2: share of all children kept.
     alpha: the similarity's mix of r_max and r_min.
+    recent: the last `recent` tokens are always attended besides the newest cluster (0: the
+      paper's rule; public positions, so free under MPC). Right after a cluster boundary the
+      newest cluster holds one token and the question's last words would otherwise compete.
   """
 
   size: int = 32
@@ -101,12 +104,15 @@ class Dynamic:
   child: int = 16
   keep2: float = 0.2
   alpha: float = 0.6
+  recent: int = 0
 
   def __post_init__(self):
     for name in ("keep1", "keep2", "alpha"):
       x = getattr(self, name)
       if not 0.0 <= x <= 1.0 or (name != "alpha" and x == 0.0):
         raise ValueError(f"Dynamic.{name} must be in (0, 1], got {x}")
+    if self.recent < 0:
+      raise ValueError(f"Dynamic.recent must be >= 0, got {self.recent}")
     if self.size < 1 or (self.child and self.size % self.child):
       raise ValueError(f"cluster size {self.size} must be >= 1 and a multiple of the child "
                        f"size {self.child}")
@@ -139,12 +145,15 @@ class Dynamic:
       kids = top_mask(cluster_score(q, ch_max, ch_min, self.alpha), parent & ch_filled, k2)
       token = jnp.repeat(kids, self.child, axis=-1)[..., :n] | jnp.repeat(
           always, self.size, axis=-1)[..., :n]
+    if self.recent:
+      token = token | (pos > (q_pos - self.recent)[:, None, None])
     return token & valid
 
   @functools.cached_property
   def name(self) -> str:
     """The registered decode attention that attends only the selection."""
     name = f"mpcache-{self.size}-{self.keep1}-{self.child}-{self.keep2}-{self.alpha}"
+    name += f"-r{self.recent}" if self.recent else ""
     sel = self.select
 
     def attend(q, k, v, pos, q_pos, mask=None, *, scale=None, return_probs=False):

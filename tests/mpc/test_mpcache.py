@@ -77,11 +77,14 @@ def _loop_select(dyn, q, k, pos, q_pos):
     slots = {j for j in range(n) if j // dyn.child in kids or j // dyn.size in always}
   else:
     slots = {j for j in range(n) if j // dyn.size in picked | always}
+  slots |= {j for j in range(n) if pos[j] > q_pos - dyn.recent}  # the last `recent` tokens
   return {j for j in slots if valid[j]}
 
 
 @pytest.mark.parametrize("dyn", [Dynamic(size=8, keep1=0.5, child=4, keep2=0.2),
-                                 Dynamic(size=8, keep1=0.3, child=0)], ids=["two", "one"])
+                                 Dynamic(size=8, keep1=0.3, child=0),
+                                 Dynamic(size=8, keep1=0.3, child=4, keep2=0.2, recent=24)],
+                         ids=["two", "one", "recent"])
 def test_dynamic_selection_matches_the_loop_reference(dyn):
   seed = 72
   print(f"seed={seed}")
