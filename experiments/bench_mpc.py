@@ -70,7 +70,8 @@ def _finish(row: dict) -> dict:
 
 
 def measure(worker, protocol: str, t: int, statics: list[float], keep: float, share: int,
-            stabilisers: list[str], h: int, e: int, seed: int, progress=None) -> list[dict]:
+            stabilisers: list[str], h: int, e: int, seed: int, progress=None,
+            scores: tuple[str, ...] = ("linear",)) -> list[dict]:
   """Rows for one protocol and cache length: the baselines, then MPCache's settings."""
   from mpc import secure
   rng = np.random.default_rng(seed + t)
@@ -101,24 +102,24 @@ def measure(worker, protocol: str, t: int, statics: list[float], keep: float, sh
         worker.run("naive_topk", qs, ks, vs, protocol=protocol, keep=attended), ref_topk)}))
     tick(f"naive_topk s={s}")
     upd = worker.run("update_bounds", hi, lo, ks[:, -1], protocol=protocol, cluster=c - 1)
-    for st in stabilisers:
-      ref, sel = secure.mpcache_step(qs, ks, vs, hi, lo, size=SIZE, keep=n_keep, length=ts,
-                                     stabiliser=st)
-      sel_r = worker.run("mpcache_step", qs, ks, vs, hi, lo, protocol=protocol, size=SIZE,
-                         keep=n_keep, length=ts, stabiliser=st)
+    for st, sc in [(st, sc) for sc in scores for st in stabilisers]:
+      kw = dict(size=SIZE, keep=n_keep, length=ts, stabiliser=st, score=sc)
+      ref, sel = secure.mpcache_step(qs, ks, vs, hi, lo, **kw)
+      sel_r = worker.run("mpcache_step", qs, ks, vs, hi, lo, protocol=protocol, **kw)
       shr_r = worker.run("mpcache_shared", qs, ks, vs, hi, lo, np.asarray(sel),
-                         protocol=protocol, size=SIZE, keep=n_keep, length=ts, stabiliser=st)
+                         protocol=protocol, **kw)
       same = bool((np.round(sel_r.outputs[1]) == np.asarray(sel)).all())
       parts = {"select": _row(sel_r, np.asarray(ref)), "shared": _row(shr_r, np.asarray(ref)),
                "bounds": _row(upd)}
       step = {key: (parts["select"][key] + (share - 1) * parts["shared"][key]) / share
               + parts["bounds"][key] for key in ("send_bytes", "send_actions", "recv_bytes",
                                                  "recv_actions")}
-      rows.append(_finish({**base, "method": f"mpcache ({st} max)", "stabiliser": st,
-                           "share": share, **step, "sim_s": sel_r.seconds,
+      label = f"{st} max" if sc == "linear" else f"{st} max, {sc} score"
+      rows.append(_finish({**base, "method": f"mpcache ({label})", "stabiliser": st,
+                           "score": sc, "share": share, **step, "sim_s": sel_r.seconds,
                            "max_abs_err": parts["select"]["max_abs_err"],
                            "selection_equals_plaintext": same, "parts": parts}))
-      tick(f"mpcache s={s} {st}")
+      tick(f"mpcache s={s} {st} {sc}")
   by = {r["method"]: r for r in rows if "static" not in r}
   for r in rows:
     for name in ("full_deferred", "full_softmax"):
@@ -167,6 +168,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--keep", type=float, default=0.2, help="share of the clusters selected")
   ap.add_argument("--share", type=int, default=2, help="layers per selection (cross-layer)")
   ap.add_argument("--stabilisers", nargs="+", default=["exact", "cluster"])
+  ap.add_argument("--scores", nargs="+", default=["linear"], choices=("linear", "upper"),
+                  help="cluster scores: the paper's linear one, Quest's upper bound")
   ap.add_argument("--heads", type=int, default=12)
   ap.add_argument("--head-dim", type=int, default=64)
   ap.add_argument("--quick", action="store_true", help="toy sizes (T 256 and 512, 2 heads)")
@@ -193,13 +196,14 @@ def main(argv=None) -> dict:
          "rows": []}
   t0 = time.time()
   total = len(args.protocols) * len(args.lengths) * (
-      2 + len(args.static) * (1 + len(args.stabilisers)))
+      2 + len(args.static) * (1 + len(args.stabilisers) * len(args.scores)))
   with spu.Worker() as worker, tqdm(total=total, desc="bench mpc") as bar:
     res["spu"] = worker.versions
     for proto in args.protocols:
       for t in args.lengths:
         res["rows"] += measure(worker, proto, t, args.static, args.keep, args.share,
-                               args.stabilisers, args.heads, args.head_dim, args.seed, bar)
+                               args.stabilisers, args.heads, args.head_dim, args.seed, bar,
+                               tuple(args.scores))
         res["wall_s"] = time.time() - t0
         path = write_results(args.name, res, out_dir)
   png = out_dir / f"{args.name}_{path.stem.rsplit('_', 1)[1]}.png"

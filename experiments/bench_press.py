@@ -47,7 +47,11 @@ ROOM = 128  # free slots per head after compression: the question (query-agnosti
 MPCACHE = {"mpcache": None, "mpcache-dyn": {"keep1": 0.5, "child": 16, "keep2": 0.2},
            "mpcache-dyn1": {"keep1": 0.2, "child": 0},
            # ablation: + the last 32 tokens always attended (Dynamic.recent)
-           "mpcache-dyn-recent": {"keep1": 0.5, "child": 16, "keep2": 0.2, "recent": 32}}
+           "mpcache-dyn-recent": {"keep1": 0.5, "child": 16, "keep2": 0.2, "recent": 32},
+           # ablation: the same budgets, clusters ranked by their exact largest q . k (an oracle)
+           "mpcache-dyn-exact": {"keep1": 0.5, "child": 16, "keep2": 0.2, "score": "exact"},
+           # ablation: clusters ranked by Quest's upper bound of q . k from r_max / r_min
+           "mpcache-dyn-upper": {"keep1": 0.5, "child": 16, "keep2": 0.2, "score": "upper"}}
 MPCACHE_WINDOW = 512  # window queries scored; MPCache uses the last 20% of the prompt's (<= this)
 
 OPTIONS: dict = {}  # method -> field overrides (--gamma, --beta), set by main

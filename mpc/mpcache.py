@@ -97,6 +97,10 @@ class Dynamic:
     recent: the last `recent` tokens are always attended besides the newest cluster (0: the
       paper's rule; public positions, so free under MPC). Right after a cluster boundary the
       newest cluster holds one token and the question's last words would otherwise compete.
+    score: "bounds" (the paper's q . (alpha r_max + (1 - alpha) r_min)), "upper" (Quest's
+      bound sum_e max(q_e r_max_e, q_e r_min_e): a per-channel choice by q's sign, so a
+      comparison per channel and cluster under MPC) or "exact" (a plaintext oracle for
+      ablations: each cluster's largest q . k over its tokens); the G query heads summed.
   """
 
   size: int = 32
@@ -105,12 +109,15 @@ class Dynamic:
   keep2: float = 0.2
   alpha: float = 0.6
   recent: int = 0
+  score: str = "bounds"
 
   def __post_init__(self):
     for name in ("keep1", "keep2", "alpha"):
       x = getattr(self, name)
       if not 0.0 <= x <= 1.0 or (name != "alpha" and x == 0.0):
         raise ValueError(f"Dynamic.{name} must be in (0, 1], got {x}")
+    if self.score not in ("bounds", "upper", "exact"):
+      raise ValueError(f'Dynamic.score must be "bounds", "upper" or "exact", got {self.score!r}')
     if self.recent < 0:
       raise ValueError(f"Dynamic.recent must be >= 0, got {self.recent}")
     if self.size < 1 or (self.child and self.size % self.child):
@@ -137,23 +144,38 @@ class Dynamic:
     always = (idx == 0) | (idx == last[..., None])
     middle = filled & ~always
     k1, k2 = self.counts(n)
-    picked = top_mask(cluster_score(q, r_max, r_min, self.alpha), middle, k1)
+    picked = top_mask(self._score(q, k, valid, r_max, r_min, self.size), middle, k1)
     token = jnp.repeat(picked | always, self.size, axis=-1)[..., :n]
     if self.child:
       ch_max, ch_min, ch_filled = cluster_bounds(k, valid, self.child)
       parent = jnp.repeat(picked, self.size // self.child, axis=-1)[..., :ch_max.shape[-2]]
-      kids = top_mask(cluster_score(q, ch_max, ch_min, self.alpha), parent & ch_filled, k2)
+      kids = top_mask(self._score(q, k, valid, ch_max, ch_min, self.child), parent & ch_filled,
+                      k2)
       token = jnp.repeat(kids, self.child, axis=-1)[..., :n] | jnp.repeat(
           always, self.size, axis=-1)[..., :n]
     if self.recent:
       token = token | (pos > (q_pos - self.recent)[:, None, None])
     return token & valid
 
+  def _score(self, q, k, valid, r_max, r_min, size: int) -> jax.Array:
+    """[B, K, C] cluster scores of clusters of `size` slots (see `score`)."""
+    if self.score == "bounds":
+      return cluster_score(q, r_max, r_min, self.alpha)
+    if self.score == "upper":
+      qs = jnp.sum(q.astype(jnp.float32), axis=2)[:, :, None, :]  # [B, K, 1, E]
+      return jnp.sum(jnp.maximum(qs * r_max, qs * r_min), axis=-1)
+    s = jnp.einsum("bkge,bkne->bkn", q.astype(jnp.float32), k.astype(jnp.float32))
+    s = jnp.where(valid, s, -jnp.inf)
+    c = r_max.shape[-2]
+    s = jnp.pad(s, ((0, 0), (0, 0), (0, c * size - s.shape[-1])), constant_values=-jnp.inf)
+    return jnp.max(s.reshape(s.shape[:2] + (c, size)), axis=-1)
+
   @functools.cached_property
   def name(self) -> str:
     """The registered decode attention that attends only the selection."""
     name = f"mpcache-{self.size}-{self.keep1}-{self.child}-{self.keep2}-{self.alpha}"
-    name += f"-r{self.recent}" if self.recent else ""
+    name += (f"-r{self.recent}" if self.recent else "") + (
+        "" if self.score == "bounds" else f"-{self.score}")
     sel = self.select
 
     def attend(q, k, v, pos, q_pos, mask=None, *, scale=None, return_probs=False):

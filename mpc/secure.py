@@ -19,7 +19,8 @@ The same functions run in plain JAX for the tests (equal to the plaintext path).
     naive_topk      plaintext-style selection ported as is: top-k token scores by sorting, then
                     a masked softmax over all T
     mpcache_step    MPCache's dynamic selection over clusters of the statically kept tokens:
-                    cluster score q . (alpha r_max + (1 - alpha) r_min), a constant-round
+                    cluster score q . (alpha r_max + (1 - alpha) r_min) (or Quest's upper
+                    bound from the same r_max / r_min), a constant-round
                     selection (pairwise comparisons -> ranks -> one-hot), scores gathered by a
                     one-hot matrix product, softmax over the selected tokens only, and the
                     probabilities scattered back for P.V; with `sel` given (cross-layer index
@@ -124,6 +125,15 @@ def cluster_scores(q, r_max, r_min, alpha: float):
   return out
 
 
+def upper_scores(q, r_max, r_min):
+  """[H, C] Quest's bound of each cluster's largest q . k: sum_e max(q_e r_max_e, q_e r_min_e)
+  = q . r, r_e = r_max_e where q_e >= 0 else r_min_e. One batch of H x E sign tests (of q, not
+  per cluster), one select of the bounds by the sign bits, one product: constant rounds."""
+  pos = q >= 0  # [H, E]
+  r = jnp.where(pos[:, None, :], r_max, r_min)  # [H, C, E]
+  return per_head(q, r.transpose(0, 2, 1))
+
+
 def rank_select(c, keep: int):
   """[H, n, keep] one-hot selection of each head's `keep` highest scores c [H, n] (float 0/1).
 
@@ -150,7 +160,8 @@ def block_diag3(m):
 
 
 def mpcache_step(q, k, v, r_max, r_min, *, size: int, keep: int, length: int,
-                 alpha: float = 0.6, sel=None, stabiliser: str = "exact"):
+                 alpha: float = 0.6, sel=None, stabiliser: str = "exact",
+                 score: str = "linear"):
   """[H, E] MPCache's decode-step attention over T' statically kept tokens (and the selection).
 
   Args:
@@ -164,6 +175,8 @@ def mpcache_step(q, k, v, r_max, r_min, *, size: int, keep: int, length: int,
       (log-depth comparisons), or "cluster", the mean score of the top-ranked cluster's tokens
       (a sum, no comparisons; softmax is unchanged by the choice, only the fixed-point range
       is: exp(s - m) must stay below 2^(63 - f) with f = 18 fraction bits, s - m < ~30).
+    score: how clusters are ranked: "linear", the paper's q . (alpha r_max + (1 - alpha)
+      r_min), or "upper", Quest's bound (upper_scores).
   Returns:
     (out [H, E], sel [H, C - 2, keep]).
   """
@@ -172,7 +185,12 @@ def mpcache_step(q, k, v, r_max, r_min, *, size: int, keep: int, length: int,
   s = scores(q, k)
   blocks = s.reshape(h, n, size)
   if sel is None:
-    c = cluster_scores(q, r_max, r_min, alpha)[:, 1:-1]
+    if score == "linear":
+      c = cluster_scores(q, r_max, r_min, alpha)[:, 1:-1]
+    elif score == "upper":
+      c = upper_scores(q, r_max, r_min)[:, 1:-1]
+    else:
+      raise ValueError(f"score must be 'linear' or 'upper', got {score!r}")
     sel = rank_select(c, keep)
   # Gather the selected clusters' scores: sel^T @ blocks per head, as one product.
   picked = (block_diag3(sel.transpose(0, 2, 1)) @ blocks[:, 1:-1].reshape(h * (n - 2), size)

@@ -60,6 +60,12 @@ def _loop_select(dyn, q, k, pos, q_pos):
   def clusters(size):
     hi, lo, filled = _loop_bounds(k, valid, size)
     score = (q.sum(0)[None] * (dyn.alpha * hi + (1 - dyn.alpha) * lo)).sum(-1)
+    if dyn.score == "upper":  # Quest's bound: each channel's larger of the two products
+      score = np.maximum(q.sum(0)[None] * hi, q.sum(0)[None] * lo).sum(-1)
+    if dyn.score == "exact":  # each cluster's largest q . k over its valid tokens
+      dots = k @ q.sum(0)
+      score = np.array([max([dots[j] for j in range(c * size, min((c + 1) * size, n))
+                             if valid[j]], default=-np.inf) for c in range(len(filled))])
     return score, filled
 
   def top(score, allowed, count):
@@ -83,8 +89,10 @@ def _loop_select(dyn, q, k, pos, q_pos):
 
 @pytest.mark.parametrize("dyn", [Dynamic(size=8, keep1=0.5, child=4, keep2=0.2),
                                  Dynamic(size=8, keep1=0.3, child=0),
-                                 Dynamic(size=8, keep1=0.3, child=4, keep2=0.2, recent=24)],
-                         ids=["two", "one", "recent"])
+                                 Dynamic(size=8, keep1=0.3, child=4, keep2=0.2, recent=24),
+                                 Dynamic(size=8, keep1=0.5, child=4, keep2=0.2, score="exact"),
+                                 Dynamic(size=8, keep1=0.5, child=4, keep2=0.2, score="upper")],
+                         ids=["two", "one", "recent", "exact", "upper"])
 def test_dynamic_selection_matches_the_loop_reference(dyn):
   seed = 72
   print(f"seed={seed}")
@@ -145,6 +153,8 @@ def test_cross_layer_sharing_reuses_the_group_leaders_selection(press_inputs, ke
 def test_bad_settings_are_one_line_errors():
   with pytest.raises(ValueError, match="tau"):
     MPCache(16, tau=1.5)
+  with pytest.raises(ValueError, match="score"):
+    Dynamic(score="cosine")
   with pytest.raises(ValueError, match="keep1"):
     Dynamic(keep1=0.0)
   with pytest.raises(ValueError, match="multiple"):
@@ -181,3 +191,17 @@ def test_generate_with_mpcache_end_to_end(spread_decoder):
   assert cache.budgets() == ((32, 32), (32, 32))
   assert all(layer.decode_attn == small.dynamic.name for layer in cache.layers)
   assert dataclasses.replace(small, dynamic=None).dynamic is None
+
+
+def test_upper_score_bounds_every_clusters_exact_score():
+  seed = 75
+  print(f"seed={seed}")
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((2, 2, 3, 6)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((2, 2, 40, 6)), jnp.float32)
+  valid = jnp.asarray(rng.random((2, 2, 40)) < 0.8)
+  hi, lo, filled = cluster_bounds(k, valid, 8)
+  upper = Dynamic(size=8, child=0, score="upper")._score(q, k, valid, hi, lo, 8)
+  exact = Dynamic(size=8, child=0, score="exact")._score(q, k, valid, hi, lo, 8)
+  assert bool(jnp.all(jnp.where(filled, upper >= exact - 1e-5, True)))
+  assert bool(jnp.any(jnp.where(filled, upper > exact + 1e-3, False)))  # a bound, not equal

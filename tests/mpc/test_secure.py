@@ -87,16 +87,17 @@ def test_mpcache_step_attends_the_selected_clusters(stabiliser, length):
   np.testing.assert_allclose(np.asarray(again), np.asarray(out), atol=1e-5)
 
 
-def test_the_mpc_selection_equals_the_plaintext_selection():
+@pytest.mark.parametrize("score, plain", [("linear", "bounds"), ("upper", "upper")])
+def test_the_mpc_selection_equals_the_plaintext_selection(score, plain):
   """One level, a full cache: mpc.secure picks the clusters mpc.mpcache.Dynamic picks."""
   seed = 85
   print(f"seed={seed}")
   size, t = 8, 96
   q, k, v, hi, lo = _inputs(seed, size=size)
-  dyn = Dynamic(size=size, keep1=0.3, child=0)
+  dyn = Dynamic(size=size, keep1=0.3, child=0, score=plain)
   keep, _ = dyn.counts(t)
   _, sel = secure.mpcache_step(*(jnp.asarray(x, jnp.float32) for x in (q, k, v, hi, lo)),
-                               size=size, keep=keep, length=t)
+                               size=size, keep=keep, length=t, score=score)
   pos = np.broadcast_to(np.arange(t), (1, 3, t)).astype(np.int32)
   mask = np.asarray(dyn.select(jnp.asarray(q[None, :, None], jnp.float32),
                                jnp.asarray(k[None], jnp.float32), jnp.asarray(pos),
@@ -107,10 +108,12 @@ def test_the_mpc_selection_equals_the_plaintext_selection():
                                                      if j // size in clusters}
 
 
-def test_unknown_stabiliser_is_an_error():
+def test_unknown_stabiliser_or_score_is_an_error():
   q, k, v, hi, lo = _inputs(0)
   with pytest.raises(ValueError, match="stabiliser"):
     secure.mpcache_step(q, k, v, hi, lo, size=8, keep=2, length=96, stabiliser="nope")
+  with pytest.raises(ValueError, match="score"):
+    secure.mpcache_step(q, k, v, hi, lo, size=8, keep=2, length=96, score="cosine")
 
 
 def test_update_bounds_is_the_running_max_and_min():
