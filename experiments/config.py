@@ -64,6 +64,7 @@ class StageSpec:
   init_from: str | None = None  # first stage only: start from this run folder's newest verified
   # checkpoint (an imported model, say); its model replaces `model`; steps may then be 0
   warmup_steps: int | None = None  # (None: the run's warmup_steps)
+  freeze: bool = True  # after an add_chain: the old chains get no updates (False: all train)
 
 
 @dataclasses.dataclass
@@ -101,7 +102,8 @@ class TrainConfig:
   scale_weights: list[float] | None = None  # CoLM multi-scale loss sum_k w_k CE(chains 1..k)
   freeze_chains: int = 0  # chains 1..n get no updates (progressive scaling sets this)
   stages: list[StageSpec] = dataclasses.field(default_factory=list)  # progressive schedule:
-  # stage 0 trains `model`, each later stage adds a chain (old ones frozen); steps = their sum
+  # stage 0 trains `model`, each later stage adds a chain (old ones frozen unless the stage's
+  # freeze is false); steps = their sum
   divergence_spike: float = 5.0  # a loss above this x its recent average is divergence (0 = off)
   divergence_window: int = 20  # steps in the loss average (and steps before spikes are checked)
   on_divergence: str = "stop"  # 'stop' (save the pre-update state, exit 2) or 'rollback'
@@ -173,6 +175,8 @@ def _check_colm(cfg: TrainConfig, mc: ModelConfig, need) -> None:
     need(st.steps == 0 or 0 <= warm < st.steps, f"{key}.warmup_steps",
          f"{warm} must be in [0, {st.steps})")
     need(st.lr is None or st.lr > 0, f"{key}.lr", f"must be positive, got {st.lr}")
+    need(st.freeze or st.add_chain > 0, f"{key}.freeze", "freeze=false needs an add_chain: the "
+         "first stage has no old chains to freeze or unfreeze")
     if st.add_chain:
       try:
         mc = expanded_config(mc, st.add_chain)

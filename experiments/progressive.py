@@ -4,7 +4,8 @@
 
 A config with `stages` trains its model for stages[0].steps; each later stage adds one chain of
 width stages[i].add_chain to the previous stage's final model (colm.colm.expand: the logits are
-unchanged at the stage's first step), freezes the old chains (freeze_chains) and trains. Stage s
+unchanged at the stage's first step), freezes the old chains (freeze_chains; a stage with
+`freeze: false` trains every chain) and trains. Stage s
 is an ordinary run in <run>/stage<s> with its own checkpoints, so running the command again
 resumes inside the stage it was stopped in, or enters the next one from the finished stage's
 last checkpoint. Stage s reads batches with data seed `seed + s`: no stage repeats another's.
@@ -32,7 +33,7 @@ def stage_configs(cfg: TrainConfig) -> list[TrainConfig]:
   for s, st in enumerate(cfg.stages):
     frozen = 0
     if st.add_chain:
-      frozen, mc = mc.num_chains, expanded_config(mc, st.add_chain)
+      frozen, mc = mc.num_chains if st.freeze else 0, expanded_config(mc, st.add_chain)
     out.append(dataclasses.replace(
         cfg, name=f"stage{s}", out_dir=str(run_dir), model=model_spec(mc), seed=cfg.seed + s,
         steps=st.steps, lr=cfg.lr if st.lr is None else st.lr,

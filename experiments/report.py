@@ -218,6 +218,33 @@ SPECS: dict[str, TableSpec] = {
                  ("val ppl", "val_ppl", _plain),
                  ("val ppl per scale (1..k chains)", "val_ppl_per_scale", _plain),
                  ("wall s", "wall_s", lambda v: f"{v:.0f}"))),
+    "colm_parity": TableSpec(
+        columns=(("variant", "variant", _plain), ("chains", "chains", _plain),
+                 ("Air", "air", _plain), ("lr", "lr", _plain), ("params", "params", _count),
+                 ("tokens", "tokens", _count), ("epochs", "epochs", lambda v: f"{v:.2f}"),
+                 ("val loss per scale (1..k chains)", "val_loss_per_scale", _plain),
+                 ("vs best baseline", "gap_vs_best_baseline", _signed_pct),
+                 ("within 2%", "within_target", _plain),
+                 ("wall s", "wall_s", lambda v: f"{v:.0f}")),
+        note=lambda p: (f"Corpus `{(p.get('corpus') or {}).get('source')}` "
+                        f"({(p.get('corpus') or {}).get('train_tokens', 0) / 1e6:.1f}M train "
+                        f"tokens); best-tuned baseline: "
+                        f"{(p.get('best_baseline') or {}).get('variant')}, val loss "
+                        f"{(p.get('best_baseline') or {}).get('val_loss', float('nan')):.4f}. "
+                        f"Gap: val loss / best baseline's - 1 (full model).")),
+    "colm_progressive_flops": TableSpec(
+        columns=(("variant", "variant", _plain), ("chains", "chains", _plain),
+                 ("stage steps", "stage_steps", _plain), ("FLOPs", "flops", _count),
+                 ("FLOPs / F", "flops_vs_budget", lambda v: f"{v:.3f}"),
+                 ("val loss per scale (1..k chains)", "val_loss_per_scale", _plain),
+                 ("FLOPs to scratch's final loss", "flops_to_scratch_loss", _count),
+                 ("wall s", "wall_s", lambda v: f"{v:.0f}")),
+        note=lambda p: (f"Budget F = {_count(p.get('budget_flops') or 0)} training FLOPs "
+                        f"(ModelConfig.flops_per_token x tokens); pass: "
+                        + "; ".join(f"{k}: reaches scratch within F "
+                                    f"{v.get('reaches_scratch_within_budget')}, beats chain 1 "
+                                    f"alone {v.get('beats_chain1_only')}"
+                                    for k, v in (p.get("pass") or {}).items()) + ".")),
     "s2_cache": TableSpec(
         columns=(("variant", "variant", _plain), ("tokens", "tokens", _plain),
                  ("heads cover context", "heads_cover_context", _plain),
