@@ -60,6 +60,10 @@ def _pct(v: float) -> str:
   return f"{100 * v:.1f}%"
 
 
+def _flops(v: float | None) -> str:
+  return "–" if v is None else f"{v:.3g}"
+
+
 def _count(v: int) -> str:
   for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
     if abs(v) >= scale:
@@ -234,12 +238,12 @@ SPECS: dict[str, TableSpec] = {
                         f"Gap: val loss / best baseline's - 1 (full model).")),
     "colm_progressive_flops": TableSpec(
         columns=(("variant", "variant", _plain), ("chains", "chains", _plain),
-                 ("stage steps", "stage_steps", _plain), ("FLOPs", "flops", _count),
+                 ("stage steps", "stage_steps", _plain), ("FLOPs", "flops", _flops),
                  ("FLOPs / F", "flops_vs_budget", lambda v: f"{v:.3f}"),
                  ("val loss per scale (1..k chains)", "val_loss_per_scale", _plain),
-                 ("FLOPs to scratch's final loss", "flops_to_scratch_loss", _count),
+                 ("FLOPs to scratch's final loss", "flops_to_scratch_loss", _flops),
                  ("wall s", "wall_s", lambda v: f"{v:.0f}")),
-        note=lambda p: (f"Budget F = {_count(p.get('budget_flops') or 0)} training FLOPs "
+        note=lambda p: (f"Budget F = {_flops(p.get('budget_flops'))} training FLOPs "
                         f"(ModelConfig.flops_per_token x tokens); pass: "
                         + "; ".join(f"{k}: reaches scratch within F "
                                     f"{v.get('reaches_scratch_within_budget')}, beats chain 1 "

@@ -71,6 +71,11 @@ def _air(p: Payloads, chains: tuple) -> list[tuple[int, float]]:
           if tuple(r.get("chains", ())) == chains]
 
 
+def _progressive_pass(p: Payloads) -> dict[str, dict[str, bool]]:
+  """Per progressive run: reaches scratch's final loss within F, beats chain 1 alone."""
+  return p["colm_progressive_flops_gpu"]["pass"]
+
+
 def _air_longest(p: Payloads, chains: tuple) -> float:
   """The speed-up at the longest prompt measured (0 if none): the claim is about long prompts,
   where chain 1's share of the attention sets the ceiling."""
@@ -272,6 +277,17 @@ TARGETS: tuple[Target, ...] = (
            ("colm_prefill_gpu",),
            lambda p: ", ".join(f"{_x(s)} at {t // 1024}K" for t, s in _air(p, (8, 8, 8, 8))),
            lambda p: _air_longest(p, (8, 8, 8, 8)) >= 3),
+    Target("CoLM val loss vs the best-tuned baseline, equal parameters (python corpus)",
+           "within 2%", ("colm_parity_gpu",),
+           lambda p: ", ".join(f"{k} {100 * g:+.1f}%"
+                               for k, g in p["colm_parity_gpu"]["gaps"].items()),
+           lambda p: all(p["colm_parity_gpu"]["pass"].values())),
+    Target("CoLM progressive (1 -> 2 chains) at equal FLOPs: reaches scratch within F; beats "
+           "chain 1 alone", "both", ("colm_progressive_flops_gpu",),
+           lambda p: "; ".join(f"{k.replace('progressive_', '')}: "
+                               f"{v['reaches_scratch_within_budget']}, {v['beats_chain1_only']}"
+                               for k, v in _progressive_pass(p).items()),
+           lambda p: all(all(v.values()) for v in _progressive_pass(p).values())),
     Target("dense-layout block-sparse forward / backward, TFLOP/s over cuDNN dense",
            "≥ 0.75 / ≥ 0.65", ("attention_gpu",),
            lambda p: (f"{_span(_dense_ratio(p, 'fwd_tflops'), '{:.2f}'.format)} / "
