@@ -432,7 +432,7 @@ def parity_results(rows: list[dict], quick: bool, corpus: dict) -> dict:
                   "lr, CoLM at one; gap = val loss / best baseline's - 1 (full model)"}
 
 
-def plot_parity(results: dict, backend: str, out: Path) -> Path:
+def plot_parity(results: dict, backend: str, out: Path, tag: str = "") -> Path:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -441,7 +441,7 @@ def plot_parity(results: dict, backend: str, out: Path) -> Path:
     v = r["curves"]["val"]
     ax.plot([p["step"] for p in v], [p["val_loss"] for p in v], "o-", ms=3,
             label=f"{r['name']} (lr {r['lr']:g}, {r['params'] / 1e6:.2f}M)")
-  return _finish(fig, ax, out / f"colm_parity_{backend}.png", "step (equal tokens per step)",
+  return _finish(fig, ax, out / f"colm_parity{tag}_{backend}.png", "step (equal tokens per step)",
                  "validation cross-entropy, full model",
                  f"CoLM parity on {results['corpus'].get('source')} ({backend})")
 
@@ -500,7 +500,7 @@ def flops_results(rows: list[dict], budget: float, full_step: float, quick: bool
                "loss only, scratch on CE(chain 1) + CE(chains 1..2)"}
 
 
-def plot_flops(results: dict, backend: str, out: Path) -> Path:
+def plot_flops(results: dict, backend: str, out: Path, tag: str = "") -> Path:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -512,7 +512,7 @@ def plot_flops(results: dict, backend: str, out: Path) -> Path:
   ax.axvline(results["budget_flops"] / 2, color="gray", ls=":", lw=1, label="F/2 (expand)")
   if results["scratch_val_loss"] is not None:
     ax.axhline(results["scratch_val_loss"], color="k", ls="--", lw=1, label="scratch, final")
-  return _finish(fig, ax, out / f"colm_progressive_flops_{backend}.png",
+  return _finish(fig, ax, out / f"colm_progressive_flops{tag}_{backend}.png",
                  "training FLOPs (model FLOPs per token x tokens)",
                  "validation cross-entropy, current model",
                  f"Progressive chain scaling at equal FLOPs ({backend})")
@@ -545,9 +545,10 @@ def _source_tag(source: str | None) -> str:
 def run_experiment(experiment: str, quick: bool, out_dir: Path, steps: int | None,
                    extra: Sequence[str], progress: bool, out: str | None, backend: str, *,
                    lrs: Sequence[float] = BASELINE_LRS, colm_lr: float | None = None,
-                   only: Sequence[str] = ()) -> tuple[dict, Path, list[Path]]:
+                   only: Sequence[str] = (), tag: str = "") -> tuple[dict, Path, list[Path]]:
   """Trains the runs of `parity` or `progressive_flops` (`only`: a subset of their names),
-  rewriting the results JSON and plot after each; returns (results, JSON path, plot paths)."""
+  rewriting the results JSON and plot after each (names colm_<experiment><tag>); returns
+  (results, JSON path, plot paths)."""
   if experiment == "parity":
     runs = parity_configs(quick, out_dir, steps, lrs, extra, colm_lr)
   else:
@@ -572,12 +573,12 @@ def run_experiment(experiment: str, quick: bool, out_dir: Path, steps: int | Non
     # Rewritten after every run, so a run cut short keeps what it finished.
     if experiment == "parity":
       results = parity_results(rows, quick, corpus)
-      path = write_results("colm_parity", results, out)
-      plots = [plot_parity(results, backend, Path(out or RESULTS_DIR))]
+      path = write_results(f"colm_parity{tag}", results, out)
+      plots = [plot_parity(results, backend, Path(out or RESULTS_DIR), tag)]
     else:
       results = flops_results(rows, budget, full_step, quick, corpus)
-      path = write_results("colm_progressive_flops", results, out)
-      plots = [plot_flops(results, backend, Path(out or RESULTS_DIR))]
+      path = write_results(f"colm_progressive_flops{tag}", results, out)
+      plots = [plot_flops(results, backend, Path(out or RESULTS_DIR), tag)]
   (print_parity if experiment == "parity" else print_flops)(results)
   return results, path, plots
 
@@ -605,6 +606,9 @@ def main(argv: list[str] | None = None) -> dict:
   ap.add_argument("--source", default=None,
                   help="data.source (parity, progressive_flops: default 'python' at GPU sizes, "
                        "the YAMLs' 'stdlib' with --quick)")
+  ap.add_argument("--seed", type=int, default=None,
+                  help="parity, progressive_flops: every run's seed (init and data order); the "
+                       "run folders and results get the suffix _seed<N>")
   ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                   help="overrides applied to every run's config (model.* re-matches the FFNs)")
   args = ap.parse_args(argv)
@@ -617,9 +621,14 @@ def main(argv: list[str] | None = None) -> dict:
   backend = jax.default_backend()
   source = args.source or (None if variants or args.quick else "python")
   extra = ([f"data.source={source}"] if source else []) + list(args.set)
+  tag = "" if args.seed is None else f"_seed{args.seed}"
+  if args.seed is not None:
+    if variants:
+      ap.error("--seed applies to --experiment parity or progressive_flops")
+    extra.append(f"seed={args.seed}")
   mode = ("quick" if args.quick else "full") + f"{args.steps or ''}"
   out_dir = Path(args.runs) / ((mode if variants else f"{args.experiment}_{mode}")
-                               + _source_tag(source))
+                               + _source_tag(source) + tag)
   if args.fresh and out_dir.exists():
     shutil.rmtree(out_dir)
   names = [n for n in args.only.split(",") if n]
@@ -629,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
       ap.error("--lrs needs at least one learning rate")
     results, path, plots = run_experiment(
         args.experiment, args.quick, out_dir, args.steps, extra, not args.no_progress, args.out,
-        backend, lrs=lrs, colm_lr=args.colm_lr, only=names)
+        backend, lrs=lrs, colm_lr=args.colm_lr, only=names, tag=tag)
     print(f"wrote {path} and {', '.join(str(p) for p in plots)}")
     return results
   names = names or list(VARIANTS)

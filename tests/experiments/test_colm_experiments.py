@@ -103,7 +103,9 @@ def test_parity_end_to_end(tmp_path, corpus):
 
 
 def test_progressive_flops_end_to_end(tmp_path, corpus):
-  res = _run("progressive_flops", tmp_path, corpus)
+  res = _run("progressive_flops", tmp_path, corpus, "--seed", str(SEED))  # names get _seed<N>
+  assert [p.name for p in (tmp_path / "results").glob("*.json")] == [
+      f"colm_progressive_flops_seed{SEED}_cpu.json"]
   budget, full_step = res["budget_flops"], res["full_step_flops"]
   rows = {r["variant"]: r for r in res["rows"]}
   assert list(rows) == list(ce.FLOPS_VARIANTS)
@@ -120,6 +122,7 @@ def test_progressive_flops_end_to_end(tmp_path, corpus):
     assert set(p) == {"reaches_scratch_within_budget", "beats_chain1_only"}
   # Frozen: chain 1 of the final model is stage 0's model bit for bit; unfrozen: it trained on.
   runs = next((tmp_path / "runs").iterdir())
+  assert runs.name.endswith(f"_seed{SEED}")
   for name, same in (("progressive_frozen", True), ("progressive_unfrozen", False)):
     _, m0, _, _ = load_run(runs / name / "stage0")
     _, m1, _, _ = load_run(runs / name)
