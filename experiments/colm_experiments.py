@@ -299,14 +299,6 @@ def _shared_data(cfgs: Sequence[TrainConfig], progress: bool):
   return prepare_data(cfgs[0], progress)
 
 
-def _corpus(data) -> dict:
-  c = data.corpus
-  return {"source": c.get("source"), "train_bytes": c.get("train_bytes"),
-          "val_bytes": c.get("val_bytes"), "packages": len(c.get("packages", [])),
-          "train_tokens": int(data.train.size), "val_tokens": int(data.val.size),
-          "fingerprint": data.fingerprint}
-
-
 def _finish(fig, ax, path, xlabel: str, ylabel: str, title: str, logy: bool = False):
   """Labels, grid and legend of one experiment plot; saves it to path and closes it."""
   ax.set_xlabel(xlabel)
@@ -563,7 +555,7 @@ def run_experiment(experiment: str, quick: bool, out_dir: Path, steps: int | Non
     raise SystemExit(f"unknown runs {sorted(unknown)}; known: {', '.join(known)}")
   runs = [r for r in runs if not only or r[0] in only]
   data = _shared_data([c for _, _, c in runs], progress)
-  corpus = _corpus(data)
+  corpus = data.summary()
   rows = []
   for name, config, cfg in runs:
     print(f"=== {name} ===", flush=True)

@@ -571,6 +571,15 @@ class Dataset:
     return (f"Dataset(vocab_size={self.vocab_size}, train={self.train.size} tokens, "
             f"val={self.val.size} tokens, path={self.path})")
 
+  def summary(self) -> dict:
+    """What a results file records of the corpus: source, split bytes and tokens, package
+    count and the fingerprint."""
+    c = self.corpus
+    return {"source": c.get("source"), "train_bytes": c.get("train_bytes"),
+            "val_bytes": c.get("val_bytes"), "packages": len(c.get("packages", [])),
+            "train_tokens": int(self.train.size), "val_tokens": int(self.val.size),
+            "fingerprint": self.fingerprint}
+
   def tokens(self, split: str) -> np.ndarray:
     """The token stream of 'train' or 'val'."""
     if split not in SPLITS:

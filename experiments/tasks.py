@@ -117,8 +117,10 @@ class PasskeyTask:
     start = int(rng.integers(0, self.filler.shape[0] - n))
     return np.asarray(self.filler[start:start + n], np.int64)
 
-  def sample(self, rng: np.random.Generator, length: int, depth: float | None = None) -> Example:
-    """One example of exactly `length` tokens with the needle at `depth` (random if None)."""
+  def sample(self, rng: np.random.Generator, length: int, depth: float | None = None,
+             depth_range: tuple[float, float] = (0.0, 1.0)) -> Example:
+    """One example of exactly `length` tokens with the needle at `depth` (if None, uniform on
+    `depth_range`)."""
     value = "".join(rng.choice(list(DIGITS), self.value_digits))
     vt = self._value_tokens(value)
     needle = [*self.needle_prefix, *vt, *self.needle_suffix]
@@ -126,7 +128,12 @@ class PasskeyTask:
     if n_fill < 0:
       raise ValueError(f"length={length} is shorter than the task's minimum "
                        f"{self.min_length()} tokens")
-    depth = float(rng.random()) if depth is None else float(depth)
+    if depth is None:
+      lo, hi = depth_range
+      if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"depth_range must satisfy 0 <= low <= high <= 1, got {depth_range}")
+      depth = float(lo + (hi - lo) * rng.random())
+    depth = float(depth)
     if not 0.0 <= depth <= 1.0:
       raise ValueError(f"depth must be in [0, 1], got {depth}")
     cut = int(round(depth * n_fill))
@@ -135,11 +142,12 @@ class PasskeyTask:
     return Example(tokens, len(vt), depth, value)
 
   def batch(self, rng: np.random.Generator, batch_size: int, length: int,
-            depth: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+            depth: float | None = None, depth_range: tuple[float, float] = (0.0, 1.0),
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Training batch: tokens int32 [B, L] and loss weights float32 [B, L - 1] on the targets
     tokens[:, 1:] that are answer tokens (1), zero elsewhere. Answers may differ in length
     (text flavour): each row weighs its own."""
-    exs = [self.sample(rng, length, depth) for _ in range(batch_size)]
+    exs = [self.sample(rng, length, depth, depth_range) for _ in range(batch_size)]
     tokens = np.stack([e.tokens for e in exs])
     weights = np.zeros((batch_size, length - 1), np.float32)
     for i, e in enumerate(exs):

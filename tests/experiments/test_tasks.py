@@ -58,6 +58,19 @@ def test_too_short_and_bad_depth_raise():
   task.sample(np.random.default_rng(0), task.min_length())
   with pytest.raises(ValueError, match="depth"):
     task.sample(np.random.default_rng(0), 50, 1.5)
+  with pytest.raises(ValueError, match="depth_range"):
+    task.sample(np.random.default_rng(0), 50, depth_range=(0.6, 0.4))
+
+
+def test_random_depths_are_uniform_on_the_range():
+  seed = 3
+  print(f"seed {seed}")
+  task = PasskeyTask.synthetic(300)
+  rng = np.random.default_rng(seed)
+  depths = np.array([task.sample(rng, 64, depth_range=(0.02, 0.98)).depth for _ in range(400)])
+  assert depths.min() >= 0.02 and depths.max() <= 0.98
+  assert depths.min() < 0.1 and depths.max() > 0.9  # spread over the range, not stuck at an end
+  assert abs(depths.mean() - 0.5) < 0.05
 
 
 def test_batch_weights_mark_the_answer_targets():

@@ -1,0 +1,113 @@
+"""S2 claims (issue 18 items 2 and 3): layer codes, equal-token length buckets, position-bucket
+losses, the two verdicts on hand-made rows, and both experiments end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import s2_claims as sc
+
+
+def test_layer_codes_map_to_layer_specs():
+  assert sc.layer_attn("SDSD", "s2:x") == ["s2:x", "auto", "s2:x", "auto"]
+  assert list(sc.run_config("sssd", 3, sc.RETRIEVAL_QUICK, True).model_config().layer_attn) == (
+      [sc.QUICK_S2_SPEC] * 3 + ["auto"])
+  for bad in ("", "SXD", "sdsd"):
+    with pytest.raises(ValueError, match="D and S"):
+      sc.layer_attn(bad, "s2:x")
+
+
+def test_retrieval_shapes_hold_equal_tokens():
+  shapes = sc.retrieval_shapes(4096, 8)
+  assert [n for _, n in shapes] == [512, 1024, 2048, 4096]
+  assert {b * n for b, n in shapes} == {8 * 4096}
+
+
+def test_bucket_losses_average_from_each_start():
+  seed = 0
+  print(f"seed {seed}")
+  x = np.random.default_rng(seed).random(64)
+  out = sc.bucket_losses(x, sc.buckets(64))
+  assert list(out) == [">=0", ">=8", ">=32"]
+  np.testing.assert_allclose([out[">=0"], out[">=8"], out[">=32"]],
+                             [x.mean(), x[8:].mean(), x[32:].mean()])
+
+
+def _ret(variant, seed, acc):
+  return {"variant": variant, "seed": seed,
+          "final": {"lengths": [8, 16], "depths": [0.1, 0.9], "accuracy": acc}}
+
+
+def test_retrieval_verdict_names_failed_cells():
+  good, dense = [[1.0, 1.0], [1.0, 0.5]], [[1.0, 1.0], [1.0, 0.5]]
+  runs = [_ret("dense", 0, dense), _ret("sssd", 0, good),
+          _ret("sdsd", 0, [[1.0, 0.98], [1.0, 1.0]])]
+  v = sc.retrieval_verdict(runs)
+  assert v["hybrids"]["sssd"]["outcome"] == "confirmed"
+  assert v["hybrids"]["sdsd"]["per_seed"]["0"]["failed_cells"] == [[0.1, 16]]
+  assert v["hybrids"]["sdsd"]["outcome"] == "not confirmed" and v["outcome"] == "not confirmed"
+  # Dense at 99% nowhere: nothing to compare against.
+  flat = [_ret("dense", 0, [[0.5, 0.5], [0.5, 0.5]]), _ret("sssd", 0, good)]
+  assert sc.retrieval_verdict(flat)["outcome"] == "inconclusive"
+  # A seed whose hybrid is missing is not a pass.
+  assert sc.retrieval_verdict(runs[:2] + [_ret("dense", 1, dense)])["outcome"] == "inconclusive"
+
+
+def _qual(variant, seed, loss):
+  return {"variant": variant, "seed": seed, "val": {">=0": loss, ">=512": loss + 0.1}}
+
+
+def test_quality_verdict_gap_and_seed_spread():
+  near = [_qual("dense", 0, 3.0), _qual("dense", 1, 3.02), _qual("sdsd", 0, 3.05),
+          _qual("sdsd", 1, 3.06)]
+  v = sc.quality_verdict(near)["hybrids"]["sdsd"]
+  assert v["outcome"] == "confirmed" and v["seeds"] == 2
+  assert v["buckets"][">=0"]["gap"] == pytest.approx(3.055 / 3.01 - 1)
+  # 10% worse with a 0.3% seed spread fails; the same gap with a 6% spread passes.
+  far = [_qual("dense", 0, 3.0), _qual("dense", 1, 3.01), _qual("sssd", 0, 3.3),
+         _qual("sssd", 1, 3.31)]
+  assert sc.quality_verdict(far)["outcome"] == "not confirmed"
+  noisy = far[:1] + [_qual("dense", 1, 3.18)] + far[2:]
+  assert sc.quality_verdict(noisy)["hybrids"]["sssd"]["buckets"][">=0"]["passes"]
+  assert sc.quality_verdict(far[2:])["outcome"] == "inconclusive"
+
+
+def test_retrieval_end_to_end_and_append(tmp_path):
+  out = tmp_path / "results"
+  common = ["retrieval", "--quick", "--seeds", "0", "--max-steps", "2", "--eval-every", "1",
+            "--samples", "2", "--out", str(out), "--set", "seq_len=128", "model.max_seq_len=128"]
+  res = sc.main([*common, "--variants", "sssd"])
+  (run,) = res["runs"]
+  assert run["variant"] == "sssd" and run["steps"] == 2 and len(run["evals"]) == 2
+  assert np.asarray(run["final"]["accuracy"]).shape == (5, 4)
+  assert res["lengths"] == [16, 32, 64, 128] and res["train_lengths"] == [32, 64, 128]
+  res = sc.main([*common, "--variants", "dense", "--append"])
+  assert [r["variant"] for r in res["runs"]] == ["dense", "sssd"]
+  assert res["verdict"]["hybrids"]["sssd"]["outcome"] in ("inconclusive", "not confirmed",
+                                                          "confirmed")
+  saved = json.loads((out / "s2_retrieval_cpu.json").read_text())
+  assert len(saved["runs"]) == 2 and saved["environment"]["backend"] == "cpu"
+  assert all((out / p).exists() for p in saved["plots"])
+
+
+def test_quality_end_to_end(tmp_path, corpus):
+  out = tmp_path / "results"
+  res = sc.main(["quality", "--quick", "--seeds", "0", "--variants", "dense,sdsd",
+                 "--max-steps", "2", "--eval-every", "1", "--out", str(out), "--set",
+                 f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+                 "model.vocab_size=320", "seq_len=64", "model.max_seq_len=64", "eval_batches=1"])
+  assert [r["variant"] for r in res["runs"]] == ["dense", "sdsd"]
+  assert all(list(r["val"]) == [">=0", ">=8", ">=32"] and r["steps"] == 2 for r in res["runs"])
+  assert res["corpus"]["source"] == str(corpus)
+  assert set(res["verdict"]["hybrids"]) == {"sdsd"}
+  assert (out / "s2_quality_cpu.png").exists()
+
+
+def test_bad_arguments_exit():
+  for argv in (["retrieval", "--variants", "dense,xyz"], ["quality", "--max-steps", "0"],
+               ["retrieval", "--patience", "0"]):
+    with pytest.raises(SystemExit):
+      sc.main(argv)
