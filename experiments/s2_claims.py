@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -441,6 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "every cell")
   ap.add_argument("--budget-s", type=float, default=None,
                   help="retrieval: wall seconds per run (checked at evaluations)")
+  ap.add_argument("--jobs", type=int, default=1,
+                  help="processes sharing the device, the variants split among them (small models "
+                       "leave a GPU mostly idle; default 1)")
   ap.add_argument("--append", action="store_true",
                   help="keep the runs of the existing results file that this call does not rerun")
   ap.add_argument("--tag", default="", help="suffix of the results names")
@@ -459,6 +466,8 @@ def main(argv: list[str] | None = None) -> dict:
       ap.error(f"--{k.replace('_', '-')} must be positive")
   if args.patience < 1:
     ap.error("--patience must be at least 1")
+  if args.jobs < 1:
+    ap.error("--jobs must be at least 1")
   quick = args.quick
   if retrieval:
     base = list(RETRIEVAL_QUICK if quick else RETRIEVAL_GPU)
@@ -472,12 +481,9 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = load_config("s2_dense", [*base[:-1], *args.set]).warmup_steps
     if warmup >= args.max_steps:  # a short run keeps a tenth of its steps for warm-up
       base.append(f"warmup_steps={args.max_steps // 10}")
-  backend = jax.default_backend()
   out = Path(args.out or RESULTS_DIR)
   out.mkdir(parents=True, exist_ok=True)
   name = f"s2_{args.experiment}{args.tag}"
-  path = out / f"{name}_{backend}.json"
-  runs = _previous(path, {(v, s) for v in names for s in args.seeds}) if args.append else []
   cfg0 = run_config(names[0], args.seeds[0], base, quick)
   seq = cfg0.seq_len
   extra: dict = {"quick": quick, "overrides": base, "s2_spec": QUICK_S2_SPEC if quick else S2_SPEC}
@@ -491,9 +497,28 @@ def main(argv: list[str] | None = None) -> dict:
                  depth_range=[0.02, 0.98], patience=args.patience, budget_s=args.budget_s)
   else:
     from experiments.train import prepare_data
-    data = prepare_data(cfg0, progress=not quick)
+    data = prepare_data(cfg0, progress=not quick)  # with --jobs: cached here for the jobs
     extra["corpus"] = data.summary()
-  for seed in args.seeds:
+  jobs = min(args.jobs, len(names))
+  fresh = _run_jobs(argv, names, jobs, out, name) if jobs > 1 else []
+  backend = jax.default_backend()  # after the jobs: this process holds no device until now
+  path = out / f"{name}_{backend}.json"
+  runs = _previous(path, {(v, s) for v in names for s in args.seeds}) if args.append else []
+
+  def save(runs: list[dict]) -> tuple[Path, list[Path]]:
+    runs.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
+    verdict = (retrieval_verdict if retrieval else quality_verdict)(runs)
+    plots = [(plot_retrieval if retrieval else plot_quality)(runs, out / f"{name}_{backend}.png")]
+    if retrieval:
+      plots.append(plot_grid({f"{r['variant']} s{r['seed']} @{r['steps']}": r["final"]
+                              for r in runs}, out / f"{name}_grids_{backend}.png",
+                             title=f"passkey exact match at the end ({samples} per cell)"))
+    return write_results(name, {**extra, "jobs": jobs, "runs": runs, "verdict": verdict,
+                                "plots": [p.name for p in plots]}, out), plots
+
+  if jobs > 1:
+    path, plots = save(runs + fresh)
+  for seed in args.seeds if jobs == 1 else ():
     for v in names:
       print(f"=== {v} ({VARIANTS[v]}) seed {seed} ===", flush=True)
       if retrieval:
@@ -503,20 +528,48 @@ def main(argv: list[str] | None = None) -> dict:
       else:
         row = train_quality(v, seed, base, data, quick=quick)
       runs.append(row)
-      runs.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
-      verdict = (retrieval_verdict if retrieval else quality_verdict)(runs)
-      plots = [(plot_retrieval if retrieval else plot_quality)(runs, out / f"{name}_{backend}.png")]
-      if retrieval:
-        plots.append(plot_grid({f"{r['variant']} s{r['seed']} @{r['steps']}": r["final"]
-                                for r in runs}, out / f"{name}_grids_{backend}.png",
-                               title=f"passkey exact match at the end ({samples} per cell)"))
-      # Rewritten after every run, so a call cut short keeps what it finished.
-      path = write_results(name, {**extra, "runs": runs, "verdict": verdict,
-                                  "plots": [p.name for p in plots]}, out)
+      path, plots = save(runs)  # rewritten after every run: a call cut short keeps what it did
   results = json.loads(path.read_text())
   (print_retrieval if retrieval else print_quality)(results)
   print(f"wrote {path} and {', '.join(str(p) for p in plots)}")
   return results
+
+
+def _run_jobs(argv: list[str] | None, names: list[str], jobs: int, out: Path,
+              name: str) -> list[dict]:
+  """--jobs N: the variants split over N processes sharing the device (each with 1/N of its
+  memory), every seed in each; returns the runs the jobs finished (a job that fails loses only
+  its own runs). Their files are removed once read."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  drop = {"--jobs", "--variants", "--out", "--tag"}
+  rest, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a.split("=")[0] in drop:
+      skip = "=" not in a
+    elif a != "--append":
+      rest.append(a)
+  parts = out / f".{name}_jobs"
+  shutil.rmtree(parts, ignore_errors=True)
+  env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / jobs:.3f}"}
+  procs = []
+  for k in range(jobs):
+    group = names[k::jobs]
+    print(f"job {k}: {', '.join(group)}", flush=True)
+    procs.append(subprocess.Popen([sys.executable, "-m", "experiments.s2_claims", *rest,
+                                   "--variants", ",".join(group), "--out", str(parts),
+                                   "--tag", f"_job{k}"], env=env))
+  codes = [p.wait() for p in procs]
+  runs = []
+  for f in sorted(parts.glob("*.json")):
+    runs += json.loads(f.read_text())["runs"]
+  if any(codes):
+    print(f"jobs exited with {codes}; keeping the {len(runs)} runs they finished", flush=True)
+  shutil.rmtree(parts, ignore_errors=True)
+  if not runs:
+    raise SystemExit("no job finished a run")
+  return runs
 
 
 if __name__ == "__main__":

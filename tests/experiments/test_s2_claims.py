@@ -75,7 +75,7 @@ def test_quality_verdict_gap_and_seed_spread():
   assert sc.quality_verdict(far[2:])["outcome"] == "inconclusive"
 
 
-def test_retrieval_end_to_end_and_append(tmp_path):
+def test_retrieval_end_to_end_append_and_jobs(tmp_path):
   out = tmp_path / "results"
   common = ["retrieval", "--quick", "--seeds", "0", "--max-steps", "2", "--eval-every", "1",
             "--samples", "2", "--out", str(out), "--set", "seq_len=128", "model.max_seq_len=128"]
@@ -84,12 +84,14 @@ def test_retrieval_end_to_end_and_append(tmp_path):
   assert run["variant"] == "sssd" and run["steps"] == 2 and len(run["evals"]) == 2
   assert np.asarray(run["final"]["accuracy"]).shape == (5, 4)
   assert res["lengths"] == [16, 32, 64, 128] and res["train_lengths"] == [32, 64, 128]
-  res = sc.main([*common, "--variants", "dense", "--append"])
-  assert [r["variant"] for r in res["runs"]] == ["dense", "sssd"]
+  # Two processes, one variant each, merged with the earlier file's run.
+  res = sc.main([*common, "--variants", "dense,ssss", "--append", "--jobs", "2"])
+  assert [r["variant"] for r in res["runs"]] == ["dense", "sssd", "ssss"] and res["jobs"] == 2
+  assert not list(out.glob(".*_jobs"))
   assert res["verdict"]["hybrids"]["sssd"]["outcome"] in ("inconclusive", "not confirmed",
                                                           "confirmed")
   saved = json.loads((out / "s2_retrieval_cpu.json").read_text())
-  assert len(saved["runs"]) == 2 and saved["environment"]["backend"] == "cpu"
+  assert len(saved["runs"]) == 3 and saved["environment"]["backend"] == "cpu"
   assert all((out / p).exists() for p in saved["plots"])
 
 
@@ -108,6 +110,6 @@ def test_quality_end_to_end(tmp_path, corpus):
 
 def test_bad_arguments_exit():
   for argv in (["retrieval", "--variants", "dense,xyz"], ["quality", "--max-steps", "0"],
-               ["retrieval", "--patience", "0"]):
+               ["retrieval", "--patience", "0"], ["quality", "--jobs", "0"]):
     with pytest.raises(SystemExit):
       sc.main(argv)
