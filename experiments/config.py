@@ -125,6 +125,8 @@ def build_model_config(spec: Any) -> ModelConfig:
       dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(spec))
   preset = d.pop("preset", "small")
   overrides = {k: (tuple(v) if k == "chains" else v) for k, v in d.items() if v is not None}
+  if any(str(a).startswith("s2:") for a in overrides.get("layer_attn") or ()):
+    import s2attn.attention  # noqa: F401  (registers the "s2:" layer specs)
   try:
     return ModelConfig.preset(preset, **overrides)
   except ValueError as e:

@@ -113,3 +113,13 @@ def test_bad_arguments_exit():
                ["retrieval", "--patience", "0"], ["quality", "--jobs", "0"]):
     with pytest.raises(SystemExit):
       sc.main(argv)
+
+
+def test_s2_layer_specs_load_in_a_fresh_process():
+  """A config naming 's2:' layers loads without the caller importing s2attn first."""
+  import subprocess
+  import sys
+  code = ("from experiments.s2_claims import run_config, RETRIEVAL_GPU;"
+          "print(run_config('sdsd', 0, RETRIEVAL_GPU, False).model_config().layer_attn[0])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip().startswith("s2:block_size=64")
