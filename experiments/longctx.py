@@ -381,9 +381,14 @@ def _check(n: int, length: int, seed: int, depth: float | None, split: str) -> N
 
 
 def _generate(family: str, n: int, length: int, seed: int, depth: float | None, tokenizer: Any,
-              source: str, split: str, one: _One, uses_depth: bool = True) -> list[Example]:
-  """n examples of a family; example i depends only on (split, family, seed, length, i, depth)."""
+              source: str, split: str, one: _One, uses_depth: bool = True,
+              depth_range: tuple[float, float] = (0.0, 1.0)) -> list[Example]:
+  """n examples of a family; example i depends only on (split, family, seed, length, i, depth,
+  depth_range). Without a depth, each example's is uniform on depth_range."""
   _check(n, length, seed, depth, split)
+  lo, hi = map(float, depth_range)
+  if not 0.0 <= lo <= hi <= 1.0:
+    raise ValueError(f"depth_range={tuple(depth_range)} must satisfy 0 <= low <= high <= 1")
   if depth is not None and not uses_depth:
     raise ValueError(f"depth={depth!r} has no meaning for {family} (aggregation); pass None")
   env = _Env(family, int(length), _corpus(source, split), _Counter(tokenizer))
@@ -392,7 +397,7 @@ def _generate(family: str, n: int, length: int, seed: int, depth: float | None, 
     entropy = (data.SPLITS.index(split), zlib.crc32(family.encode()), int(seed), int(length), i)
     rng = np.random.default_rng(entropy)
     drawn = float(rng.random())  # always drawn: a given depth leaves the rest of the draw alike
-    d = (drawn if depth is None else float(depth)) if uses_depth else None
+    d = (lo + (hi - lo) * drawn if depth is None else float(depth)) if uses_depth else None
     context, question, answer, tokens, meta = one(rng, env, d)
     out.append(Example(family, context, question, answer, tokens, d, int(length), entropy, meta))
   return out
@@ -426,19 +431,22 @@ def _numbers(rng: np.random.Generator, k: int, digits: int = 7) -> list[str]:
 
 
 def needle(n: int, length: int, *, seed: int, depth: float | None = None, tokenizer: Any = None,
-           source: str = "stdlib", split: str = "val") -> list[Example]:
+           source: str = "stdlib", split: str = "val",
+           depth_range: tuple[float, float] = (0.0, 1.0)) -> list[Example]:
   """Single needle (RULER niah_single): one key's 7-digit magic number at `depth`; ask it.
 
   Args:
     n: examples; length: target prompt tokens (>= MIN_LENGTH); seed: >= 0; depth: in [0, 1],
-    random per example if None; tokenizer, source, split: see the module docstring.
+    if None uniform per example on depth_range; tokenizer, source, split: see the module
+    docstring.
   """
   def one(rng, env, d):
     (key,), (value,) = _keys(rng, env, 1), _numbers(rng, 1)
     ctx, q, tokens, placed = _haystack(rng, env, NIAH_HEADER, [(d, NEEDLE.format(
         key=key, value=value))], NEEDLE_Q.format(key=key))
     return ctx, q, value, tokens, {"key": key, "placed": placed}
-  return _generate("needle", n, length, seed, depth, tokenizer, source, split, one)
+  return _generate("needle", n, length, seed, depth, tokenizer, source, split, one,
+                   depth_range=depth_range)
 
 
 def multikey(n: int, length: int, *, seed: int, depth: float | None = None, tokenizer: Any = None,

@@ -73,11 +73,11 @@ def encode_example(tok, e: longctx.Example) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _draw(job: tuple) -> list[tuple[str, int, np.ndarray, np.ndarray, float | None]]:
-  """job (family, length, seed, n, split, depth) -> n encoded examples."""
-  family, length, seed, n, split, depth = job
+  """job (family, length, seed, n, split, depth[, generator kwargs]) -> n encoded examples."""
+  family, length, seed, n, split, depth, *kw = job
   tok = _WORKER["tok"]
   exs = longctx.generate(family, n, length, seed=seed, tokenizer=tok, split=split, depth=depth,
-                         source=_WORKER["source"])
+                         source=_WORKER["source"], **(kw[0] if kw else {}))
   return [(e.family, length, *encode_example(tok, e), e.depth) for e in exs]
 
 
@@ -97,10 +97,11 @@ def rows(examples, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 class ExampleStream:
   """Training examples drawn by spawned workers, per prompt length: fresh ones first, then a
-  replay of earlier ones when the workers fall behind."""
+  replay of earlier ones when the workers fall behind. gen_kwargs go to every generator call
+  (e.g. needle's depth_range)."""
 
   def __init__(self, tokenizer_json: str, source: str, families, lengths, seed: int,
-               workers: int, chunk: int = 8, keep: int = 20000):
+               workers: int, chunk: int = 8, keep: int = 20000, gen_kwargs: dict | None = None):
     self.families, self.lengths = list(families), list(lengths)
     ctx = multiprocessing.get_context("spawn")
     self.pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
@@ -112,7 +113,7 @@ class ExampleStream:
     self.stop = False
     self.error: BaseException | None = None
     self.n_fresh = self.n_reused = 0
-    self.jobs = ((f, n, seed * 1_000_003 + i, chunk, "train", None)
+    self.jobs = ((f, n, seed * 1_000_003 + i, chunk, "train", None, dict(gen_kwargs or {}))
                  for i in range(1 << 40) for n in self.lengths for f in self.families)
     self.thread = threading.Thread(target=self._feed, args=(2 * workers,), daemon=True)
     self.thread.start()

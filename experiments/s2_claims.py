@@ -3,6 +3,7 @@ and language-model quality at matched settings on the larger corpus.
 
     python -m experiments.s2_claims retrieval --quick       # CPU, tiny sizes, a few minutes
     python -m experiments.s2_claims retrieval               # GPU: 4 variants x 2 seeds
+    python -m experiments.s2_claims retrieval --task needle # the suite's needle in corpus text
     python -m experiments.s2_claims quality                 # GPU: dense / SDSD / SSSD x 2 seeds
     python -m experiments.s2_claims retrieval --variants sssd --seeds 1 --append
 
@@ -11,10 +12,13 @@ a 512-token local window): dense (DDDD), sssd (the dense-last hybrid), sdsd (alt
 ssss (all S2). Every run of an experiment has the same model, optimizer and data; only the
 layers' attention differs, and each seed sets both the initialisation and the data order.
 
-`retrieval`: synthetic passkey only (5-digit values in uniform random filler), lengths cycling
-512, 1K, 2K and 4K at equal tokens per step, needle depths uniform on [0.02, 0.98]. Every
-`--eval-every` steps, exact match (teacher-forced, which equals greedy decoding's verdict) on a
-lengths x depths grid, 64 examples per cell, the same examples for every run. A run stops at
+`retrieval`: synthetic passkey (5-digit values in uniform random filler; `--task passkey`, the
+default) or the long-context suite's single needle (`--task needle`: experiments.longctx.needle, a
+key's 7-digit number in corpus text under the corpus' BPE tokenizer, prompts of at most n - 64
+tokens in an n-token input), lengths cycling 512, 1K, 2K and 4K at equal tokens per step, needle
+depths uniform on [0.02, 0.98]. Every `--eval-every` steps, exact match (teacher-forced, which
+equals greedy decoding's verdict) on a lengths x depths grid, 64 examples per cell, the same
+examples for every run. A run stops at
 `--max-steps`, or once every cell is >= 99% at `--patience` evaluations in a row, or at its
 `--budget-s`. Recorded: accuracy curves, steps to a 90% grid mean, to 90% and to 99% in every
 cell, the final grid. Target: every hybrid >= 99% on each cell where dense is >= 99%.
@@ -23,9 +27,9 @@ cell, the final grid. Target: every hybrid >= 99% on each cell where dense is >=
 loss overall and over target positions >= 512 and >= 2048 on fixed validation batches. Target:
 each bucket within 2% of dense, or within twice the seed spread.
 
-Writes results/s2_retrieval_<backend>.json / s2_quality_<backend>.json and their plots (`--tag`
-appends to the names), rewritten after every run; `--append` keeps the runs of an earlier file
-that this call does not rerun.
+Writes results/s2_retrieval[_needle]_<backend>.json / s2_quality_<backend>.json and their plots
+(`--tag` appends to the names), rewritten after every run; `--append` keeps the runs of an
+earlier file that this call does not rerun.
 """
 
 from __future__ import annotations
@@ -76,6 +80,11 @@ QUALITY_QUICK = ["model.d_model=64", "model.n_heads=8", "model.n_kv_heads=4", "m
                  "model.ffn_dim=176", "model.vocab_size=512", "model.max_seq_len=256",
                  "model.dtype=float32", "seq_len=256", "batch_size=2", "steps=30",
                  "warmup_steps=3", "lr=3e-3", "eval_batches=2", "data.max_bytes=2000000"]
+# Retrieval on the suite's needle: a BPE vocabulary of 1024 (text prompts); quick: 512 tokens, so
+# that a prompt holds the needle's header, needle and question.
+NEEDLE_GPU = ["data.source=stdlib"]
+NEEDLE_QUICK = ["model.vocab_size=1024", "model.max_seq_len=512", "seq_len=512",
+                "data.max_bytes=3000000"]
 
 
 def layer_attn(code: str, spec: str) -> list[str]:
@@ -148,12 +157,95 @@ def grid_scorer(codec, batch: int) -> Callable:
   return at
 
 
+class PasskeyGrid:
+  """Retrieval on the synthetic passkey (tasks.PasskeyTask): training batches and the grid.
+
+  batch(rng, b, n) -> tokens int32 [b, n + 1], answer weights float32 [b, n]; grid(params) ->
+  exact match [depths][lengths] on the same examples at every call and in every run.
+  """
+  name = "passkey"
+
+  def __init__(self, cfg, codec, *, lengths, depths, samples: int, digits: int,
+               depth_range: tuple[float, float], eval_seed: int = 1234):
+    self.task = PasskeyTask.synthetic(cfg.model_config().vocab_size, value_digits=digits)
+    self.lengths, self.depths, self.samples = lengths, depths, samples
+    self.depth_range, self.eval_seed = depth_range, eval_seed
+    self.scorer = grid_scorer(codec, min(samples, 64))
+
+  def batch(self, rng: np.random.Generator, b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    return self.task.batch(rng, b, n + 1, depth_range=self.depth_range)
+
+  def grid(self, params) -> list[list[float]]:
+    return evaluate_grid(self.scorer(params), self.task, self.lengths, self.depths,
+                         samples=self.samples, seed=self.eval_seed)["accuracy"]
+
+  def info(self) -> dict:
+    return {}
+
+  def close(self) -> None:
+    pass
+
+
+class NeedleGrid:
+  """Retrieval on the long-context suite's single needle (experiments.longctx.needle: a key's
+  7-digit magic number in corpus text, RULER's wording) under the corpus' BPE tokenizer.
+
+  A model input of n tokens holds a prompt of at most n - TARGET_TOKENS tokens, then the target
+  (the number, a full stop, end of text) and padding; the loss and exact match cover the target.
+  Training examples come from the corpus' 'train' files, drawn by worker processes while the
+  model trains (longctx_train.ExampleStream: a replay of earlier examples when they fall behind;
+  info() gives the share of fresh rows); the grid's examples from the 'val' files, the same in
+  every run.
+  """
+  name = "needle"
+
+  def __init__(self, cfg, codec, *, lengths, depths, samples: int, train_lengths,
+               depth_range: tuple[float, float], workers: int | None = None,
+               eval_seed: int = 1234, data=None):
+    from experiments.longctx_train import TARGET_TOKENS, ExampleStream, exact_match, rows
+    from experiments.train import prepare_data
+    data = data or prepare_data(cfg, progress=False)
+    self.pad, self._rows, self._T = data.pad_id, rows, TARGET_TOKENS
+    self.lengths, self.depths = list(lengths), list(depths)
+    short = [n for n in {*lengths, *train_lengths} if n - TARGET_TOKENS < 64]
+    if short:
+      raise ValueError(f"needle inputs of {sorted(short)} tokens leave prompts under 64 tokens "
+                       f"(each input holds {TARGET_TOKENS} target tokens)")
+    workers = workers or max(1, min(14, (os.cpu_count() or 2) - 2))
+    self.stream = ExampleStream(data.tokenizer.to_str(), cfg.data.source, ["needle"],
+                                [n - TARGET_TOKENS for n in train_lengths], cfg.seed, workers,
+                                gen_kwargs={"depth_range": tuple(depth_range)})
+    drawn = self.stream.eval_set([("needle", n - TARGET_TOKENS, eval_seed, samples, "val", d)
+                                  for d in self.depths for n in self.lengths])
+    self.cells = [[[(p, t) for _, ln, p, t, dd in drawn if ln == n - TARGET_TOKENS and dd == d]
+                   for n in self.lengths] for d in self.depths]
+    predict = jax.jit(lambda p, x: jnp.argmax(codec.merge(p)(x), -1))
+    self._match = lambda params, exs, n: exact_match(lambda x: predict(params, x), exs,
+                                                     n - TARGET_TOKENS, self.pad, min(samples, 64))
+
+  def batch(self, rng: np.random.Generator, b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    return self._rows(self.stream.take(rng, n - self._T, b), n - self._T, self.pad)
+
+  def grid(self, params) -> list[list[float]]:
+    return [[float(np.mean(self._match(params, exs, n))) for exs, n in zip(row, self.lengths)]
+            for row in self.cells]
+
+  def info(self) -> dict:
+    s = self.stream
+    return {"fresh_rows": s.n_fresh, "reused_rows": s.n_reused,
+            "fresh_share": s.n_fresh / max(1, s.n_fresh + s.n_reused)}
+
+  def close(self) -> None:
+    self.stream.close()
+
+
 def train_retrieval(variant: str, seed: int, base: Sequence[str], *, quick: bool,
                     eval_every: int, lengths: Sequence[int], depths: Sequence[float],
                     samples: int, digits: int, patience: int, budget_s: float | None,
-                    depth_range: tuple[float, float] = (0.02, 0.98), eval_seed: int = 1234,
-                    ) -> dict:
-  """Trains one variant on passkey retrieval and evaluates its grid every `eval_every` steps.
+                    depth_range: tuple[float, float] = (0.02, 0.98), task: str = "passkey",
+                    data=None) -> dict:
+  """Trains one variant on a retrieval task (passkey or needle) and evaluates its grid every
+  `eval_every` steps.
 
   Returns the run's row: evals [{step, loss, mean, min, accuracy}], steps to 90% / 99%, the
   final grid, why it stopped, step time and wall time.
@@ -164,44 +256,53 @@ def train_retrieval(variant: str, seed: int, base: Sequence[str], *, quick: bool
   mc, codec = trainer.model_cfg, trainer.codec
   state = trainer.init_state()
   params, opt_state = state.params, state.opt_state
-  task = PasskeyTask.synthetic(mc.vocab_size, value_digits=digits)
+  shapes = retrieval_shapes(cfg.seq_len, cfg.batch_size, min(lengths))
+  if task == "passkey":
+    grid_task = PasskeyGrid(cfg, codec, lengths=lengths, depths=depths, samples=samples,
+                            digits=digits, depth_range=depth_range)
+  elif task == "needle":
+    grid_task = NeedleGrid(cfg, codec, lengths=lengths, depths=depths, samples=samples,
+                           train_lengths=[n for _, n in shapes], depth_range=depth_range,
+                           data=data)
+  else:
+    raise ValueError(f"unknown retrieval task {task!r}; known: passkey, needle")
 
   def loss(model, tt, w):
     return jnp.sum(nll(model(tt[:, :-1]), tt[:, 1:]) * w) / jnp.maximum(jnp.sum(w), 1.0)
   step = _train_step(codec, trainer.tx, loss)
-  scorer = grid_scorer(codec, min(samples, 64))
-  shapes = retrieval_shapes(cfg.seq_len, cfg.batch_size, min(lengths))
   rng = np.random.default_rng([seed, 7])
   evals, losses, reason = [], [], "max_steps"
   t_start, eval_s, streak, s = time.time(), 0.0, 0, 0
-  for s in range(1, cfg.steps + 1):
-    b, n = shapes[(s - 1) % len(shapes)]
-    tt, w = task.batch(rng, b, n + 1, depth_range=depth_range)
-    params, opt_state, value = step(params, opt_state, tt, w)
-    losses.append(value)  # a device scalar: no host sync between evaluations
-    if s % eval_every and s != cfg.steps:
-      continue
-    jax.block_until_ready(value)
-    t0 = time.perf_counter()
-    grid = evaluate_grid(scorer(params), task, lengths, depths, samples=samples, seed=eval_seed)
-    acc = np.asarray(grid["accuracy"])
-    recent = [float(x) for x in losses[-eval_every:]]
-    evals.append({"step": s, "loss": float(np.mean(recent)), "mean": float(acc.mean()),
-                  "min": float(acc.min()), "accuracy": grid["accuracy"],
-                  "wall_s": time.time() - t_start})
-    losses.clear()
-    eval_s += time.perf_counter() - t0
-    print(f"  {variant} seed {seed} step {s}: loss {evals[-1]['loss']:.4f} grid mean "
-          f"{acc.mean():.3f} min {acc.min():.3f} ({time.time() - t_start:.0f} s)", flush=True)
-    streak = streak + 1 if acc.min() >= 0.99 else 0
-    if streak >= patience:
-      reason = "converged"
-      break
-    if budget_s is not None and time.time() - t_start > budget_s:
-      reason = "budget"
-      break
+  try:
+    for s in range(1, cfg.steps + 1):
+      b, n = shapes[(s - 1) % len(shapes)]
+      tt, w = grid_task.batch(rng, b, n)
+      params, opt_state, value = step(params, opt_state, tt, w)
+      losses.append(value)  # a device scalar: no host sync between evaluations
+      if s % eval_every and s != cfg.steps:
+        continue
+      jax.block_until_ready(value)
+      t0 = time.perf_counter()
+      acc = np.asarray(grid_task.grid(params))
+      recent = [float(x) for x in losses[-eval_every:]]
+      evals.append({"step": s, "loss": float(np.mean(recent)), "mean": float(acc.mean()),
+                    "min": float(acc.min()), "accuracy": acc.tolist(),
+                    "wall_s": time.time() - t_start, **grid_task.info()})
+      losses.clear()
+      eval_s += time.perf_counter() - t0
+      print(f"  {variant} seed {seed} step {s}: loss {evals[-1]['loss']:.4f} grid mean "
+            f"{acc.mean():.3f} min {acc.min():.3f} ({time.time() - t_start:.0f} s)", flush=True)
+      streak = streak + 1 if acc.min() >= 0.99 else 0
+      if streak >= patience:
+        reason = "converged"
+        break
+      if budget_s is not None and time.time() - t_start > budget_s:
+        reason = "budget"
+        break
+  finally:
+    grid_task.close()
   wall = time.time() - t_start
-  return {"variant": variant, "layers": VARIANTS[variant], "seed": seed,
+  return {"variant": variant, "layers": VARIANTS[variant], "seed": seed, "task": task,
           "layer_attn": list(mc.layer_attn), "params": mc.num_params(), "steps": s,
           "stopped": reason, "tokens_per_step": cfg.batch_size * cfg.seq_len,
           "steps_to_90_mean": _first_step(evals, lambda e: e["mean"] >= 0.9),
@@ -211,7 +312,7 @@ def train_retrieval(variant: str, seed: int, base: Sequence[str], *, quick: bool
                     "accuracy": evals[-1]["accuracy"], "samples": samples,
                     "mean": evals[-1]["mean"]},
           "evals": evals, "step_s": (wall - eval_s) / max(s, 1), "eval_s": eval_s,
-          "wall_s": wall}
+          "wall_s": wall, **grid_task.info()}
 
 
 def retrieval_verdict(runs: Sequence[dict]) -> dict:
@@ -249,7 +350,7 @@ def retrieval_verdict(runs: Sequence[dict]) -> dict:
 COLORS = {"dense": "k", "sssd": "tab:blue", "sdsd": "tab:orange", "ssss": "tab:red"}
 
 
-def plot_retrieval(runs: Sequence[dict], path: Path) -> Path:
+def plot_retrieval(runs: Sequence[dict], path: Path, task: str = "passkey") -> Path:
   """Grid-mean and worst-cell accuracy vs step, a line per run (colour: variant, style: seed)."""
   import matplotlib
   matplotlib.use("Agg")
@@ -265,7 +366,7 @@ def plot_retrieval(runs: Sequence[dict], path: Path) -> Path:
   for ax, what in zip(axes, ("grid mean", "worst cell")):
     ax.axhline(0.9, color="grey", lw=0.6, ls=":")
     ax.set(xlabel="training step", ylabel=f"exact match, {what}",
-           title=f"passkey retrieval, {what}")
+           title=f"{task} retrieval, {what}")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
   fig.tight_layout()
@@ -283,7 +384,8 @@ def print_retrieval(results: dict) -> None:
     acc = np.asarray(r["final"]["accuracy"])
     print(f"{r['variant']:8} {r['seed']:4d} {r['steps']:6d} {r['stopped']:>10} {f[0]:>11} "
           f"{f[1]:>10} {f[2]:>10} {acc.mean():10.3f} {acc.min():5.2f} "
-          f"{1e3 * r['step_s']:8.1f}")
+          f"{1e3 * r['step_s']:8.1f}"
+          + (f"  fresh rows {r['fresh_share']:.0%}" if "fresh_share" in r else ""))
   for v, x in results["verdict"]["hybrids"].items():
     print(f"  {v}: {x['outcome']}; " + "; ".join(
         f"seed {s}: {len(c['failed_cells'])} of the {c['dense_cells_99']} cells dense holds at "
@@ -430,6 +532,9 @@ def main(argv: list[str] | None = None) -> dict:
                                description=__doc__.splitlines()[0])
   ap.add_argument("experiment", choices=("retrieval", "quality"))
   ap.add_argument("--quick", action="store_true", help="CPU sizes (tiny model, 256 tokens)")
+  ap.add_argument("--task", choices=("passkey", "needle"), default="passkey",
+                  help="retrieval: the synthetic passkey (default) or the long-context suite's "
+                       "single needle in corpus text (results named s2_retrieval_needle_*)")
   ap.add_argument("--variants", default=None,
                   help="comma-separated, of " + ", ".join(VARIANTS) + " (default: retrieval all "
                        "four, quality " + ", ".join(QUALITY_VARIANTS) + ")")
@@ -469,8 +574,10 @@ def main(argv: list[str] | None = None) -> dict:
   if args.jobs < 1:
     ap.error("--jobs must be at least 1")
   quick = args.quick
+  needle = retrieval and args.task == "needle"
   if retrieval:
     base = list(RETRIEVAL_QUICK if quick else RETRIEVAL_GPU)
+    base += (NEEDLE_QUICK if quick else NEEDLE_GPU) if needle else []
   else:
     base = list(QUALITY_QUICK if quick else QUALITY_GPU)
   eval_every = args.eval_every or ((20 if retrieval else 15) if quick else
@@ -483,19 +590,21 @@ def main(argv: list[str] | None = None) -> dict:
       base.append(f"warmup_steps={args.max_steps // 10}")
   out = Path(args.out or RESULTS_DIR)
   out.mkdir(parents=True, exist_ok=True)
-  name = f"s2_{args.experiment}{args.tag}"
+  name = f"s2_{args.experiment}{'_needle' if needle else ''}{args.tag}"
   cfg0 = run_config(names[0], args.seeds[0], base, quick)
   seq = cfg0.seq_len
   extra: dict = {"quick": quick, "overrides": base, "s2_spec": QUICK_S2_SPEC if quick else S2_SPEC}
   if retrieval:
-    lengths = [seq // 8, seq // 4, seq // 2, seq]
+    lengths = [seq // 2, seq] if needle and quick else [seq // 8, seq // 4, seq // 2, seq]
     depths = [0.02, 0.25, 0.5, 0.75, 0.98]
     samples = args.samples or (4 if quick else 64)
-    digits = 2 if quick else 5
-    extra.update(lengths=lengths, depths=depths, samples=samples, digits=digits,
-                 train_lengths=[n for _, n in retrieval_shapes(seq, cfg0.batch_size, seq // 8)],
+    digits = 7 if needle else 2 if quick else 5
+    extra.update(task=args.task, lengths=lengths, depths=depths, samples=samples, digits=digits,
+                 train_lengths=[n for _, n in retrieval_shapes(seq, cfg0.batch_size,
+                                                               min(lengths))],
                  depth_range=[0.02, 0.98], patience=args.patience, budget_s=args.budget_s)
-  else:
+  data = None
+  if not retrieval or needle:
     from experiments.train import prepare_data
     data = prepare_data(cfg0, progress=not quick)  # with --jobs: cached here for the jobs
     extra["corpus"] = data.summary()
@@ -508,11 +617,13 @@ def main(argv: list[str] | None = None) -> dict:
   def save(runs: list[dict]) -> tuple[Path, list[Path]]:
     runs.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
     verdict = (retrieval_verdict if retrieval else quality_verdict)(runs)
-    plots = [(plot_retrieval if retrieval else plot_quality)(runs, out / f"{name}_{backend}.png")]
     if retrieval:
-      plots.append(plot_grid({f"{r['variant']} s{r['seed']} @{r['steps']}": r["final"]
-                              for r in runs}, out / f"{name}_grids_{backend}.png",
-                             title=f"passkey exact match at the end ({samples} per cell)"))
+      plots = [plot_retrieval(runs, out / f"{name}_{backend}.png", args.task),
+               plot_grid({f"{r['variant']} s{r['seed']} @{r['steps']}": r["final"]
+                          for r in runs}, out / f"{name}_grids_{backend}.png",
+                         title=f"{args.task} exact match at the end ({samples} per cell)")]
+    else:
+      plots = [plot_quality(runs, out / f"{name}_{backend}.png")]
     return write_results(name, {**extra, "jobs": jobs, "runs": runs, "verdict": verdict,
                                 "plots": [p.name for p in plots]}, out), plots
 
@@ -524,7 +635,8 @@ def main(argv: list[str] | None = None) -> dict:
       if retrieval:
         row = train_retrieval(v, seed, base, quick=quick, eval_every=eval_every,
                               lengths=lengths, depths=depths, samples=samples, digits=digits,
-                              patience=args.patience, budget_s=args.budget_s)
+                              patience=args.patience, budget_s=args.budget_s, task=args.task,
+                              data=data)
       else:
         row = train_quality(v, seed, base, data, quick=quick)
       runs.append(row)

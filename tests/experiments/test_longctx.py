@@ -319,3 +319,15 @@ def test_too_few_corpus_words_is_an_error(corpus):
   with pytest.raises(ValueError, match="distinct words") as info:
     longctx.common_words(1, 4096, seed=0, source=str(corpus))
   assert "\n" not in str(info.value)
+
+
+def test_needle_depth_range_bounds_random_depths():
+  seed = 11
+  print(f"seed={seed}")
+  exs = longctx.needle(12, 512, seed=seed, depth_range=(0.4, 0.6))
+  assert all(0.4 <= e.depth <= 0.6 for e in exs) and len({e.depth for e in exs}) == 12
+  # The default range draws the same uniform number: the depths map affinely.
+  full = longctx.needle(12, 512, seed=seed)
+  assert np.allclose([0.4 + 0.2 * e.depth for e in full], [e.depth for e in exs])
+  with pytest.raises(ValueError, match="depth_range"):
+    longctx.needle(1, 512, seed=seed, depth_range=(0.7, 0.3))

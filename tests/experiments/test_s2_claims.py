@@ -95,6 +95,50 @@ def test_retrieval_end_to_end_append_and_jobs(tmp_path):
   assert all((out / p).exists() for p in saved["plots"])
 
 
+def test_needle_retrieval_end_to_end(tmp_path):
+  """--task needle: text prompts under the corpus' BPE, the target's weights, its own file."""
+  out = tmp_path / "results"
+  res = sc.main(["retrieval", "--quick", "--task", "needle", "--seeds", "0", "--variants", "sssd",
+                 "--max-steps", "2", "--eval-every", "1", "--samples", "2", "--out", str(out),
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "data.max_bytes=1000000"])
+  (run,) = res["runs"]
+  assert res["task"] == "needle" and run["task"] == "needle" and res["lengths"] == [256, 512]
+  assert np.asarray(run["final"]["accuracy"]).shape == (5, 2) and len(run["evals"]) == 2
+  assert run["fresh_rows"] + run["reused_rows"] >= 2 and 0 < run["fresh_share"] <= 1
+  assert (out / "s2_retrieval_needle_cpu.json").exists()
+  assert all((out / p).exists() for p in res["plots"])
+
+
+def test_needle_grid_batches_weigh_the_target(tmp_path):
+  from experiments.longctx_train import TARGET_TOKENS
+  from experiments.train import Trainer, prepare_data
+  seed = 3
+  print(f"seed={seed}")
+  cfg = sc.run_config("dense", seed, [*sc.RETRIEVAL_QUICK, *sc.NEEDLE_QUICK,
+                                      f"data.cache_dir={tmp_path / 'cache'}",
+                                      "data.max_bytes=1000000"], True)
+  data = prepare_data(cfg, progress=False)
+  task = sc.NeedleGrid(cfg, Trainer(cfg).codec, lengths=[256], depths=[0.5], samples=2,
+                       train_lengths=[256], depth_range=(0.02, 0.98), workers=1, data=data)
+  try:
+    tt, w = task.batch(np.random.default_rng(seed), 3, 256)
+    assert tt.shape == (3, 257) and w.shape == (3, 256)
+    eot = tt[0, 1:][w[0] > 0][-1]
+    for row, wr in zip(tt, w):
+      on = np.nonzero(wr)[0]
+      assert 2 <= len(on) <= TARGET_TOKENS and np.all(np.diff(on) == 1)  # one run of targets
+      assert row[1:][on[-1]] == eot  # the last target is end of text
+      text = data.tokenizer.decode(row[1:][on[:-1]].tolist())
+      assert text.strip().rstrip(".").isdigit() and len(text.strip().rstrip(".")) == 7
+    prompt, _ = task.cells[0][0][0]  # the grid cell (depth 0.5, length 256)
+    assert len(prompt) <= 256 - TARGET_TOKENS and len(task.cells[0][0]) == 2
+  finally:
+    task.close()
+  with pytest.raises(ValueError, match="prompts under 64"):
+    sc.NeedleGrid(cfg, None, lengths=[100], depths=[0.5], samples=1, train_lengths=[256],
+                  depth_range=(0, 1), data=data)
+
+
 def test_quality_end_to_end(tmp_path, corpus):
   out = tmp_path / "results"
   res = sc.main(["quality", "--quick", "--seeds", "0", "--variants", "dense,sdsd",
