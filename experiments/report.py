@@ -133,6 +133,32 @@ def _speed_note(p: dict) -> str:
           f"after prefill); KV held: bytes of K/V over the full cache's.")
 
 
+def _s2_retrieval_note(p: dict) -> str:
+  v = p.get("verdict") or {}
+  per = "; ".join(
+      f"{name}: {x.get('outcome')} (" + ", ".join(
+          f"seed {s}: {len(c['failed_cells'])} of {c['dense_cells_99']} cells"
+          for s, c in x.get("per_seed", {}).items()) + ")"
+      for name, x in (v.get("hybrids") or {}).items())
+  return (f"Task {p.get('task', 'passkey')}; grid {p.get('lengths')} tokens x depths "
+          f"{p.get('depths')}, {p.get('samples')} examples per cell (exact match, teacher-forced); "
+          f"training depths {p.get('depth_range')}. Target: each hybrid >= 99% on every cell "
+          f"where dense is >= 99% (final grids); cells below: {per}. Outcome: "
+          f"{v.get('outcome')}.")
+
+
+def _s2_quality_note(p: dict) -> str:
+  c, v = p.get("corpus") or {}, p.get("verdict") or {}
+  per = "; ".join(
+      f"{name}: " + ", ".join(f"{b} {100 * x['gap']:+.2f}% (2x seed spread "
+                              f"{200 * x['seed_spread']:.2f}%)" for b, x in
+                              x.get("buckets", {}).items()) + f" -> {x.get('outcome')}"
+      for name, x in (v.get("hybrids") or {}).items())
+  return (f"Corpus `{c.get('source')}` ({c.get('train_tokens', 0) / 1e6:.1f}M train tokens, "
+          f"{c.get('packages')} packages). Gap vs dense, mean over seeds, per position bucket: "
+          f"{per}. Outcome: {v.get('outcome')}.")
+
+
 def press_rows(p: dict) -> list[dict]:
   """bench press: one row per mode, method and budget (score, share of the full cache's,
   localization / aggregation scores, KV held), then the speed rows (mode 'speed ...')."""
@@ -439,6 +465,31 @@ SPECS: dict[str, TableSpec] = {
                         f"{_count(p.get('params', 0))} parameters, prompt lengths "
                         f"{p.get('lengths')}, {p.get('steps')} steps of "
                         f"{1e3 * (p.get('step_s_median') or 0):.1f} ms.")),
+    "s2_retrieval": TableSpec(
+        columns=(("variant", "variant", _plain), ("layers", "layers", _plain),
+                 ("seed", "seed", _plain), ("steps", "steps", _plain),
+                 ("stopped", "stopped", _plain), ("to 90% mean", "steps_to_90_mean", _plain),
+                 ("to 90% every cell", "steps_to_90_all", _plain),
+                 ("to 99% every cell", "steps_to_99_all", _plain),
+                 ("final mean", "final_mean", lambda v: f"{v:.3f}"),
+                 ("worst cell", "final_min", lambda v: f"{v:.3f}"),
+                 ("ms/step", "step_s", _s_to_ms),
+                 ("fresh rows", "fresh_share", _pct)),
+        rows=lambda p: [{**r, "final_mean": float(sum(map(sum, r["final"]["accuracy"]))
+                                                  / sum(map(len, r["final"]["accuracy"]))),
+                         "final_min": float(min(map(min, r["final"]["accuracy"])))}
+                        for r in p.get("runs", [])],
+        note=lambda p: _s2_retrieval_note(p)),
+    "s2_quality": TableSpec(
+        columns=(("variant", "variant", _plain), ("layers", "layers", _plain),
+                 ("seed", "seed", _plain), ("steps", "steps", _plain),
+                 ("epochs", "epochs", lambda v: f"{v:.2f}"),
+                 ("val loss, all positions", ">=0", lambda v: f"{v:.4f}"),
+                 ("positions ≥ 512", ">=512", lambda v: f"{v:.4f}"),
+                 ("positions ≥ 2048", ">=2048", lambda v: f"{v:.4f}"),
+                 ("ms/step", "step_s", _s_to_ms)),
+        rows=lambda p: [{**r, **r.get("val", {})} for r in p.get("runs", [])],
+        note=lambda p: _s2_quality_note(p)),
     "s2_experiments": TableSpec(
         columns=(("config", "config", _plain), ("val loss", "val_loss", _plain),
                  ("vs dense", "val_loss_vs_dense", _signed_pct),

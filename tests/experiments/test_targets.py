@@ -45,6 +45,25 @@ def test_untested_when_the_condition_is_not_reached():
   assert _row(render_targets({"a_gpu": {"environment": ENV}}, [t]), "x")[3] == "untested"
 
 
+def _verdict(**fails):
+  """An s2_claims retrieval payload whose hybrids fail `fails[v]` = (cells seed 0, seed 1)."""
+  hyb = {v: {"per_seed": {str(s): {"dense_cells_99": 20, "cells": 20,
+                                   "failed_cells": [[0.5, 512]] * n} for s, n in enumerate(f)},
+             "outcome": "not confirmed" if any(f) else "confirmed"} for v, f in fails.items()}
+  return {"name": "s2_retrieval", "environment": ENV, "runs": [], "verdict": {"hybrids": hyb}}
+
+
+def test_s2_retrieval_needs_both_hybrids_on_both_seeds():
+  what = next(t.what for t in TARGETS if t.sources == ("s2_retrieval_gpu",))
+  ok = _verdict(sssd=(0, 0), sdsd=(0, 0), ssss=(4, 1))
+  _, _, reached, met, _ = _row(render_targets({"s2_retrieval_gpu": ok}), what)
+  assert met == "**yes**"  # all-S2 is reported, not part of the target
+  assert reached == ("SSSD: 0 / 0 cells below; SDSD: 0 / 0 cells below; all-S2 (SSSS): 4 / 1 "
+                     "cells below (seed 0 / 1)")
+  bad = _verdict(sssd=(0, 0), sdsd=(0, 2))
+  assert _row(render_targets({"s2_retrieval_gpu": bad}), what)[3] == "no"
+
+
 def test_every_target_reads_the_shipped_results():
   """A results file whose layout changed makes its target unreadable: caught here."""
   payloads = report.load_results(RESULTS)
