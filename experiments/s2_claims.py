@@ -195,7 +195,8 @@ class NeedleGrid:
   Training examples come from the corpus' 'train' files, drawn by worker processes while the
   model trains (longctx_train.ExampleStream: a replay of earlier examples when they fall behind;
   info() gives the share of fresh rows); the grid's examples from the 'val' files, the same in
-  every run.
+  every run. Which rows a step replays depends on the workers' timing, so unlike the passkey,
+  two runs of one seed do not see the same data.
   """
   name = "needle"
 
