@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -243,6 +244,11 @@ def _ce(logits, targets, weights=None):
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def argmax_predictor(codec) -> Callable:
+  """jit(params, tokens int32 [B, T]) -> the model's argmax next token at every position [B, T]."""
+  return jax.jit(lambda p, x: jnp.argmax(codec.merge(p)(x), -1))
+
+
 def exact_match(predict, examples, length: int, pad_id: int, batch: int) -> np.ndarray:
   """bool per example: every target token is the argmax (teacher forcing)."""
   out = []
@@ -315,7 +321,7 @@ def main(argv=None) -> dict:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, lm_loss, task_loss
 
-  predict = jax.jit(lambda p, x: jnp.argmax(codec.merge(p)(x), -1))
+  predict = argmax_predictor(codec)
   stream = ExampleStream(tok.to_str(), cfg.data.source, args.families, lengths, cfg.seed,
                          workers, chunk=8 if not args.quick else 2)
   longest = max(lengths)

@@ -475,11 +475,10 @@ SPECS: dict[str, TableSpec] = {
                  ("worst cell", "final_min", lambda v: f"{v:.3f}"),
                  ("ms/step", "step_s", _s_to_ms),
                  ("fresh rows", "fresh_share", _pct)),
-        rows=lambda p: [{**r, "final_mean": float(sum(map(sum, r["final"]["accuracy"]))
-                                                  / sum(map(len, r["final"]["accuracy"]))),
+        rows=lambda p: [{**r, "final_mean": r["final"]["mean"],
                          "final_min": float(min(map(min, r["final"]["accuracy"])))}
                         for r in p.get("runs", [])],
-        note=lambda p: _s2_retrieval_note(p)),
+        note=_s2_retrieval_note),
     "s2_quality": TableSpec(
         columns=(("variant", "variant", _plain), ("layers", "layers", _plain),
                  ("seed", "seed", _plain), ("steps", "steps", _plain),
@@ -489,7 +488,7 @@ SPECS: dict[str, TableSpec] = {
                  ("positions ≥ 2048", ">=2048", lambda v: f"{v:.4f}"),
                  ("ms/step", "step_s", _s_to_ms)),
         rows=lambda p: [{**r, **r.get("val", {})} for r in p.get("runs", [])],
-        note=lambda p: _s2_quality_note(p)),
+        note=_s2_quality_note),
     "s2_experiments": TableSpec(
         columns=(("config", "config", _plain), ("val loss", "val_loss", _plain),
                  ("vs dense", "val_loss_vs_dense", _signed_pct),

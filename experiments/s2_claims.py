@@ -141,7 +141,8 @@ def retrieval_shapes(seq: int, batch: int, min_len: int = 512) -> list[tuple[int
 def grid_scorer(codec, batch: int) -> Callable:
   """A scorer for tasks.evaluate_grid at given params: scorer(params)(examples) -> bool [n];
   one compile per length (fixed batch shape, the last chunk padded)."""
-  predict = jax.jit(lambda p, x: jnp.argmax(codec.merge(p)(x), -1))
+  from experiments.longctx_train import argmax_predictor
+  predict = argmax_predictor(codec)
 
   def at(params):
     def run(examples):
@@ -203,9 +204,15 @@ class NeedleGrid:
   def __init__(self, cfg, codec, *, lengths, depths, samples: int, train_lengths,
                depth_range: tuple[float, float], workers: int | None = None,
                eval_seed: int = 1234, data=None):
-    from experiments.longctx_train import TARGET_TOKENS, ExampleStream, exact_match, rows
+    from experiments.longctx_train import (
+      TARGET_TOKENS,
+      ExampleStream,
+      argmax_predictor,
+      exact_match,
+      rows,
+    )
     from experiments.train import prepare_data
-    data = data or prepare_data(cfg, progress=False)
+    data = prepare_data(cfg, progress=False) if data is None else data
     self.pad, self._rows, self._T = data.pad_id, rows, TARGET_TOKENS
     self.lengths, self.depths = list(lengths), list(depths)
     short = [n for n in {*lengths, *train_lengths} if n - TARGET_TOKENS < 64]
@@ -220,7 +227,7 @@ class NeedleGrid:
                                   for d in self.depths for n in self.lengths])
     self.cells = [[[(p, t) for _, ln, p, t, dd in drawn if ln == n - TARGET_TOKENS and dd == d]
                    for n in self.lengths] for d in self.depths]
-    predict = jax.jit(lambda p, x: jnp.argmax(codec.merge(p)(x), -1))
+    predict = argmax_predictor(codec)
     self._match = lambda params, exs, n: exact_match(lambda x: predict(params, x), exs,
                                                      n - TARGET_TOKENS, self.pad, min(samples, 64))
 
@@ -303,7 +310,7 @@ def train_retrieval(variant: str, seed: int, base: Sequence[str], *, quick: bool
   finally:
     grid_task.close()
   wall = time.time() - t_start
-  return {"variant": variant, "layers": VARIANTS[variant], "seed": seed, "task": task,
+  return {"variant": variant, "layers": VARIANTS[variant], "seed": seed, "task": grid_task.name,
           "layer_attn": list(mc.layer_attn), "params": mc.num_params(), "steps": s,
           "stopped": reason, "tokens_per_step": cfg.batch_size * cfg.seq_len,
           "steps_to_90_mean": _first_step(evals, lambda e: e["mean"] >= 0.9),
