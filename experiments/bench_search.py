@@ -50,34 +50,47 @@ def greedy_accuracy(policy, tok, problems, stop: int, max_new: int) -> float:
 
 
 def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, seed: int,
-                max_step_tokens: int, max_depth: int, temperature: float, page_size: int
-                ) -> dict:
-  """One width x method over the problems: accuracies, KV, calls, speed."""
+                max_step_tokens: int, max_depth: int, temperature: float, page_size: int,
+                kv_budget: int | None = None) -> dict:
+  """One width x method over the problems: accuracies, KV, calls, speed.
+
+  kv_budget None: each problem searched alone on its own tree (a pool it cannot fill).
+  Otherwise: all problems through one pool of kv_budget x width tokens, searched side by side
+  (search.methods.run_searches: admitted by free pages, sharing the policy's calls).
+  """
   from experiments import reasoning
   from kvcache.sampling import SamplingConfig
-  from search.methods import run_search
+  from search.methods import run_search, run_searches
   from search.tree import SearchTree
-  rows = []
+  prompts = [tok.encode(p.prompt + reasoning.STEP, add_special_tokens=False).ids
+             for p in problems]
+
+  def answer_of(p, start):
+    return lambda path: reasoning.parse_solution(p, _text(tok, path, start, stop))[1]
+
+  tree_kw = dict(step_token=step, stop_tokens=[stop], page_size=page_size,
+                 max_step_tokens=max_step_tokens, max_depth=max_depth,
+                 sampling=SamplingConfig(temperature=temperature))
   c0 = compile_seconds()
   t0 = time.perf_counter()
-  ilp = 0.0
-  for i, p in enumerate(problems):
-    prompt = tok.encode(p.prompt + reasoning.STEP, add_special_tokens=False).ids
-    tree = SearchTree(policy, prompt, step_token=step, stop_tokens=[stop], page_size=page_size,
-                      num_pages=_pages(cfg.width, len(prompt), max_depth, max_step_tokens,
-                                       page_size),
-                      max_step_tokens=max_step_tokens, max_depth=max_depth,
-                      sampling=SamplingConfig(temperature=temperature), seed=seed + i)
-
-    start = len(prompt)
-
-    def text_of(path, start=start):
-      return tok.decode([t for t in path[start:] if t != stop])
-
-    res = run_search(tree, scorer, cfg,
-                     answer_of=lambda path, p=p: reasoning.parse_solution(p, text_of(path))[1])
-    ilp += res.ilp_s
-    checked = [(a, s, reasoning.check_answer(p, text_of(path))) for a, s, path in res.solutions]
+  batch = None
+  if kv_budget is None:
+    results = []
+    for i, prompt in enumerate(prompts):
+      tree = SearchTree(policy, prompt, num_pages=_pages(cfg.width, len(prompt), max_depth,
+                                                         max_step_tokens, page_size),
+                        seed=seed + i, **tree_kw)
+      results.append(run_search(tree, scorer, cfg, answer_of(problems[i], len(prompt))))
+  else:
+    tree = SearchTree(policy, None, num_pages=-(-kv_budget * cfg.width // page_size), seed=seed,
+                      **tree_kw)
+    results, batch = run_searches(tree, scorer, cfg, [(q, answer_of(p, len(q)))
+                                                      for p, q in zip(problems, prompts)])
+  wall = time.perf_counter() - t0
+  rows = []
+  for p, prompt, res in zip(problems, prompts, results):
+    checked = [(a, s, reasoning.check_answer(p, _text(tok, path, len(prompt), stop)))
+               for a, s, path in res.solutions]
     correct = {}
     for a, s, ok in checked:
       correct.setdefault(a, []).append((s, ok))
@@ -89,23 +102,34 @@ def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, see
                  "pass": float(any(ok for v in correct.values() for _, ok in v)),
                  "solutions": len(res.solutions), "model_calls": res.model_calls,
                  "prm_calls": res.prm_calls, "tokens": res.tokens_generated, **res.kv})
-  wall = time.perf_counter() - t0
+  ilp = sum(r.ilp_s for r in results)
   # Shapes first seen in this cell compile inside it (tree sizes differ between methods): the
   # rate leaves that time out and the file keeps both.
   compile_s = compile_seconds() - c0
   run = max(wall - compile_s, 1e-9)
   mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-  return {"accuracy_vote": mean["vote"], "accuracy_best": mean["best"],
-          "pass_at_n": mean["pass"], "mean_pages": mean["mean_pages"],
-          "peak_pages": mean["peak_pages"], "mean_pages_no_prompt": mean["mean_pages_no_prompt"],
-          "peak_pages_no_prompt": mean["peak_pages_no_prompt"],
-          "mean_tokens_no_prompt": mean["mean_tokens_no_prompt"],
-          "peak_tokens_no_prompt": mean["peak_tokens_no_prompt"],
-          "model_calls": mean["model_calls"],
-          "prm_calls": mean["prm_calls"], "tokens": mean["tokens"],
-          "solutions": mean["solutions"], "problems_per_s": len(problems) / run,
-          "problems_per_s_with_compile": len(problems) / wall, "wall_s": wall,
-          "compile_s": compile_s, "ilp_share": ilp / run}
+  out = {"accuracy_vote": mean["vote"], "accuracy_best": mean["best"],
+         "pass_at_n": mean["pass"], "mean_pages": mean["mean_pages"],
+         "peak_pages": mean["peak_pages"], "mean_pages_no_prompt": mean["mean_pages_no_prompt"],
+         "peak_pages_no_prompt": mean["peak_pages_no_prompt"],
+         "mean_tokens_no_prompt": mean["mean_tokens_no_prompt"],
+         "peak_tokens_no_prompt": mean["peak_tokens_no_prompt"],
+         "model_calls": mean["model_calls"],
+         "prm_calls": mean["prm_calls"], "tokens": mean["tokens"],
+         "solutions": mean["solutions"], "problems_per_s": len(problems) / run,
+         "problems_per_s_with_compile": len(problems) / wall, "wall_s": wall,
+         "compile_s": compile_s, "ilp_share": ilp / run}
+  if batch is not None:  # calls shared by the problems: the pool's totals per problem
+    out.update(model_calls=batch.model_calls / len(problems),
+               prm_calls=batch.prm_calls / len(problems), rounds=batch.rounds,
+               mean_active=batch.mean_active, peak_active=batch.peak_active,
+               retracted=batch.retracted, pool_pages=tree.pool.num_pages,
+               pool_peak_pages=batch.peak_pages)
+  return out
+
+
+def _text(tok, path, start: int, stop: int) -> str:
+  return tok.decode([t for t in path[start:] if t != stop])
 
 
 def _pages(width: int, prompt: int, depth: int, step: int, page: int) -> int:
@@ -149,12 +173,18 @@ def main(argv=None) -> dict:
   ap.add_argument("--n", type=int, default=None, help="held-out problems (default 32; quick 3)")
   ap.add_argument("--lambda-b", type=float, nargs="*", default=[],
                   help="ETS sweep values (one ETS cell per value and width)")
+  ap.add_argument("--ets-lambda-b", type=float, default=1.0,
+                  help="lambda_b of the ETS cells (the paper's 1.0 by default; sweeps vary it)")
   ap.add_argument("--lambda-s", type=float, nargs="*", default=[],
                   help="ETS sweep values (one ETS cell per value and width)")
   ap.add_argument("--temperature", type=float, default=1.0, help="the policy's sampling")
   ap.add_argument("--max-step-tokens", type=int, default=24)
   ap.add_argument("--max-depth", type=int, default=8)
   ap.add_argument("--page-size", type=int, default=16)
+  ap.add_argument("--kv-budget", type=int, default=None,
+                  help="search all problems side by side in one pool of this many tokens per "
+                       "unit of width (a serving system's fixed KV memory); default: each "
+                       "problem alone")
   ap.add_argument("--seed", type=int, default=12345)
   ap.add_argument("--out", default=None)
   ap.add_argument("--name", default="search")
@@ -164,7 +194,9 @@ def main(argv=None) -> dict:
   widths = args.widths or ([4, 8] if args.quick else [16, 64, 256])
   for m in args.methods:
     SearchConfig(m, width=max(widths), children=min(args.children, min(widths)))
-  for x in args.lambda_b + args.lambda_s:
+  if args.kv_budget is not None and args.kv_budget < 1:
+    raise SystemExit(f"--kv-budget must be >= 1 token per unit of width, got {args.kv_budget}")
+  for x in args.lambda_b + args.lambda_s + [args.ets_lambda_b]:
     if x < 0:
       raise SystemExit(f"lambdas must be >= 0, got {x}")
   if args.model is None and not args.quick:
@@ -192,17 +224,20 @@ def main(argv=None) -> dict:
          "n": n, "widths": widths, "methods": args.methods, "children": args.children,
          "temperature": args.temperature, "max_depth": args.max_depth,
          "ilp_solver": solver_name(), "page_size": args.page_size,
+         "kv_budget": args.kv_budget, "ets_lambda_b": args.ets_lambda_b,
          "ilp_share_counts": "clustering",
          "greedy_accuracy": greedy_accuracy(policy, tok, problems, stop, max_new), "rows": []}
   out_dir = Path(args.out) if args.out else RESULTS_DIR
   kw = dict(stop=stop, step=step, seed=args.seed, max_step_tokens=args.max_step_tokens,
-            max_depth=args.max_depth, temperature=args.temperature, page_size=args.page_size)
+            max_depth=args.max_depth, temperature=args.temperature, page_size=args.page_size,
+            kv_budget=args.kv_budget)
   from tqdm import tqdm
   cells = [(w, m, None) for w in widths for m in args.methods]
   cells += [(w, "ets", ("lambda_b", x)) for w in widths for x in args.lambda_b]
   cells += [(w, "ets", ("lambda_s", x)) for w in widths for x in args.lambda_s]
   for w, m, sweep in tqdm(cells, desc="bench search"):
-    ets = ETSConfig() if sweep is None else dataclasses.replace(ETSConfig(), **{sweep[0]: sweep[1]})
+    ets = ETSConfig(lambda_b=args.ets_lambda_b)
+    ets = ets if sweep is None else dataclasses.replace(ets, **{sweep[0]: sweep[1]})
     cfg = SearchConfig(m, width=w, children=min(args.children, w), ets=ets)
     row = {"width": w, "method": m, **search_cell(policy, scorer, tok, problems, cfg, **kw)}
     if sweep is not None:
@@ -226,12 +261,13 @@ def main(argv=None) -> dict:
   path = write_results(args.name, res, out_dir)
   print(f"\ngreedy accuracy {res['greedy_accuracy']:.3f} on {n} problems")
   print(f"{'width':>5} {'method':10} {'vote':>6} {'best':>6} {'pass':>6} {'pages':>8} "
-        f"{'x KV':>6} {'prob/s':>7} {'compile s':>9} {'ILP %':>6}")
+        f"{'x KV':>6} {'prob/s':>7} {'compile s':>9} {'ILP %':>6} {'active':>6}")
   for r in res["rows"]:
     print(f"{r['width']:5d} {r['method']:10} {r['accuracy_vote']:6.3f} {r['accuracy_best']:6.3f} "
           f"{r['pass_at_n']:6.3f} {r['mean_pages_no_prompt']:8.1f} "
           f"{r.get('kv_x_vs_rebase', float('nan')):6.2f} {r['problems_per_s']:7.3f} "
-          f"{r['compile_s']:9.1f} {100 * r['ilp_share']:6.1f} {r.get('sweep') or ''}")
+          f"{r['compile_s']:9.1f} {100 * r['ilp_share']:6.1f} {r.get('mean_active', 1):6.1f} "
+          f"{r.get('sweep') or ''}")
   print(f"results: {path}")
   return res
 

@@ -438,15 +438,22 @@ SPECS: dict[str, TableSpec] = {
                  ("problems/s", "problems_per_s", lambda v: f"{v:.2f}"),
                  ("speed x (vs REBASE)", "speed_x_vs_rebase", _x),
                  ("compile s", "compile_s", lambda v: f"{v:.1f}"),
-                 ("ILP share", "ilp_share", _pct)),
+                 ("ILP share", "ilp_share", _pct),
+                 ("problems at once", "mean_active", lambda v: f"{v:.1f}"),
+                 ("retracted", "retracted", _plain)),
         note=lambda p: (f"{p.get('n')} held-out problems per cell (family "
                         f"{p.get('model_info', {}).get('family')}), policy greedy accuracy "
                         f"{100 * (p.get('greedy_accuracy') or 0):.1f}% on them; sampling "
                         f"temperature {p.get('temperature')}, at most {p.get('max_depth')} steps, "
                         f"{p.get('children')} children per beam (beam, DVTS); KV pages: pages of "
                         f"{p.get('page_size', 16)} tokens held, the prompt's excluded (mean over "
-                        f"the search's steps, then over problems); ETS at the paper's lambdas "
-                        f"unless a sweep says otherwise, its ILP by "
+                        f"the search's steps, then over problems); "
+                        + (f"all problems searched side by side in one pool of "
+                           f"{p['kv_budget']} tokens per unit of width (admitted by free pages; "
+                           f"problems at once: the mean over the rounds; retracted: searches "
+                           f"restarted when the pool ran short); " if p.get("kv_budget") else "")
+                        + f"ETS at lambda_b {p.get('ets_lambda_b', 1.0)} and the paper's "
+                        f"lambda_s unless a sweep says otherwise, its ILP by "
                         f"{p.get('ilp_solver', 'cvxpy+HiGHS')}; ILP share: ETS's step "
                         f"selection ({p.get('ilp_share_counts', 'step embeddings, clustering')}"
                         f" and the program) over the wall time"

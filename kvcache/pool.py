@@ -110,6 +110,9 @@ class PagePool:
   def sequences(self) -> list:
     return list(self._tables)
 
+  def __contains__(self, seq) -> bool:
+    return seq in self._tables
+
   def table(self, seq) -> list[int]:
     return list(self._tables[self._known(seq)])
 

@@ -18,6 +18,14 @@ their pages released at once.
 
     res = run_search(tree, scorer, SearchConfig("ets", width=16), answer_of=...)
     res.vote, res.best, res.kv["mean_pages"], res.ilp_s
+
+Many problems at once in one pool (`run_searches`): every round, all searches that wait for
+children expand in one batched generation and all fresh leaves are scored in one PRM call;
+problems are admitted while the pool's free pages allow, so a method that holds less KV runs
+more problems side by side (ETS's throughput claim).
+
+    results, stats = run_searches(SearchTree(policy, None, ...), scorer, cfg,
+                                  [(prompt, answer_of) for ...])
 """
 
 from __future__ import annotations
@@ -112,13 +120,13 @@ def _vote(solutions) -> tuple[str | None, str | None]:
 
 
 def _problem(tree: SearchTree, leaves: list[int], labels: list[int]) -> SelectionProblem:
-  """The program's tree: the leaves' ancestors below the root, numbered 0..N-1."""
+  """The program's tree: the leaves' ancestors below their root, numbered 0..N-1."""
   ids: dict[int, int] = {}
   paths = []
   for leaf in leaves:
     chain = []
     n = tree.nodes[leaf].parent
-    while n is not None and n != tree.root:
+    while n is not None and tree.nodes[n].parent is not None:
       chain.append(n)
       n = tree.nodes[n].parent
     paths.append(tuple(ids.setdefault(a, len(ids)) for a in reversed(chain)))
@@ -130,45 +138,57 @@ def _problem(tree: SearchTree, leaves: list[int], labels: list[int]) -> Selectio
                           node_tokens=node_tokens, num_nodes=len(ids))
 
 
-def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
-               answer_of: Callable[[list[int]], str | None]) -> SearchResult:
-  """Searches from the tree's root until `width` solutions finished or no leaf is left.
+class _Search:
+  """One problem's search as a state machine the driver steps: `pending` (node -> children)
+  waits for an expansion, `leaves` for their scores, `decide` turns scores into the next
+  counts."""
 
-  answer_of(path tokens) -> the answer a finished solution gives (None: none parsed).
-  """
-  t0 = time.perf_counter()
-  ilp_s = 0.0
-  prm_calls = 0
-  solutions: list[tuple[str | None, float, list[int]]] = []
-  subtree: dict[int, int] = {}
-  first = cfg.width // cfg.children if cfg.method == "dvts" else cfg.width
-  leaves = tree.expand({tree.root: first})
-  if cfg.method == "dvts":
-    subtree = {leaf: i for i, leaf in enumerate(leaves)}
-  depth = 1
-  while leaves:
-    paths = [tree.path(x) for x in leaves]
-    if cfg.method == "ets":  # the step embeddings come from the same PRM pass as the scores
-      scores, embs = _score_embed(scorer, paths, [len(tree.nodes[x].tokens) for x in leaves])
-    else:
-      scores, embs = scorer.score(paths), None
-    scores = np.asarray(scores, np.float64)
-    prm_calls += 1
-    live, live_embs, live_scores = [], [], []
-    for i, (x, p, s) in enumerate(zip(leaves, paths, scores)):
+  def __init__(self, tree: SearchTree, root: int, cfg: SearchConfig,
+               answer_of: Callable[[list[int]], str | None], index: int):
+    self.tree, self.root, self.cfg, self.answer_of, self.index = tree, root, cfg, answer_of, index
+    self.solutions: list[tuple[str | None, float, list[int]]] = []
+    self.subtree: dict[int, int] = {}
+    first = cfg.width // cfg.children if cfg.method == "dvts" else cfg.width
+    self.pending: dict[int, int] | None = {root: first}
+    self.leaves: list[int] = []
+    self.depth = 0
+    self.ilp_s = 0.0
+    self.prm_calls = 0
+    self.calls0 = tree.model_calls  # the policy's calls while this search ran (shared ones too)
+    self.t0 = time.perf_counter()
+
+  def expanded(self, kids: list[int]) -> None:
+    if self.cfg.method == "dvts":
+      if self.depth == 0:
+        self.subtree = {x: i for i, x in enumerate(kids)}
+      else:
+        for x in kids:
+          self.subtree[x] = self.subtree[self.tree.nodes[x].parent]
+    self.pending, self.leaves = None, kids
+    self.depth += 1
+
+  def decide(self, scores: np.ndarray, embs: np.ndarray | None) -> None:
+    """The leaves' PRM scores [L] (and step embeddings [L, D] for ETS) -> `pending`, or the
+    search ends (`pending` None and no leaves)."""
+    tree, cfg = self.tree, self.cfg
+    self.prm_calls += 1
+    live, live_rows, live_scores = [], [], []
+    for i, (x, s) in enumerate(zip(self.leaves, scores)):
       if tree.nodes[x].done:
-        solutions.append((answer_of(p), float(s), p))
+        p = tree.path(x)
+        self.solutions.append((self.answer_of(p), float(s), p))
         tree.release(x)
       else:
         live.append(x)
-        live_embs.append(i)
+        live_rows.append(i)
         live_scores.append(s)
-    left = cfg.width - len(solutions)
+    self.leaves = []
+    left = cfg.width - len(self.solutions)
     if not live or left <= 0:
       for x in live:
         tree.release(x)
-      break
-    s = np.asarray(live_scores)
+      return
+    s = np.asarray(live_scores, np.float64)
     if cfg.method == "best_of_n":
       counts = [1] * len(live)
     elif cfg.method == "beam":
@@ -178,20 +198,20 @@ def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
     elif cfg.method == "dvts":
       best: dict[int, int] = {}
       for i, x in enumerate(live):
-        g = subtree[x]
+        g = self.subtree[x]
         if g not in best or s[i] > s[best[g]]:
           best[g] = i
-      counts = [cfg.children if best.get(subtree[x]) == i else 0 for i, x in enumerate(live)]
+      counts = [cfg.children if best.get(self.subtree[x]) == i else 0 for i, x in enumerate(live)]
     elif cfg.method == "rebase":
       counts = allocate(s, left, cfg.temperature)
     else:  # ets
       t1 = time.perf_counter()
-      labels = cluster(np.asarray(embs)[live_embs], cfg.ets.cluster_distance)
+      labels = cluster(np.asarray(embs)[live_rows], cfg.ets.cluster_distance)
       # lambda_s by the search's width (the paper's presets), not by the width left.
       ets = dataclasses.replace(cfg.ets, temperature=cfg.temperature,
                                 lambda_s=cfg.ets.lambda_s_at(cfg.width))
       counts = ets_allocate(s, _problem(tree, live, labels), left, ets)
-      ilp_s += time.perf_counter() - t1
+      self.ilp_s += time.perf_counter() - t1
     counts = list(counts)
     # No method finishes more than `width` solutions: trim the lowest-scored leaves' children.
     for i in np.argsort(s, kind="stable"):
@@ -199,13 +219,160 @@ def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
       if extra <= 0:
         break
       counts[i] -= min(counts[i], extra)
-    new = tree.expand(dict(zip(live, counts)))
-    if cfg.method == "dvts":
-      for x in new:
-        subtree[x] = subtree[tree.nodes[x].parent]
-    leaves = new
-    depth += 1
-  vote, best_answer = _vote(solutions)
-  tree.close()
-  return SearchResult(solutions, vote, best_answer, tree.kv_stats(), tree.model_calls, prm_calls,
-                      tree.tokens_generated, time.perf_counter() - t0, ilp_s, depth)
+    self.pending = dict(zip(live, counts))
+
+  @property
+  def finished(self) -> bool:
+    return self.pending is None and not self.leaves
+
+  def result(self) -> SearchResult:
+    vote, best = _vote(self.solutions)
+    self.tree.close(self.root)
+    return SearchResult(self.solutions, vote, best, self.tree.kv_stats(self.root),
+                        self.tree.model_calls - self.calls0, self.prm_calls,
+                        self.tree.tokens_by_root[self.root], time.perf_counter() - self.t0,
+                        self.ilp_s, self.depth)
+
+
+def _score(scorer: Scorer, searches: list[_Search]) -> None:
+  """One PRM pass over the fresh leaves of every search (with step embeddings for ETS)."""
+  tree = searches[0].tree
+  leaves = [x for s in searches for x in s.leaves]
+  paths = [tree.path(x) for x in leaves]
+  if any(s.cfg.method == "ets" for s in searches):  # embeddings from the same pass
+    scores, embs = _score_embed(scorer, paths, [len(tree.nodes[x].tokens) for x in leaves])
+  else:
+    scores, embs = scorer.score(paths), None
+  scores = np.asarray(scores, np.float64)
+  i = 0
+  for s in searches:
+    j = i + len(s.leaves)
+    s.decide(scores[i:j], None if embs is None else np.asarray(embs)[i:j])
+    i = j
+
+
+@dataclasses.dataclass
+class BatchStats:
+  """What a run of several searches in one pool cost together.
+
+  rounds: expansions run (each one batched generation for every search that expanded);
+  model_calls, prm_calls: the policy's and the PRM's batched calls; mean_active, peak_active:
+  searches holding pages per round; retracted: searches restarted when the pool ran short;
+  peak_pages: the pool's high-water mark; wall_s, ilp_s: time (ETS's selection summed)."""
+
+  rounds: int
+  model_calls: int
+  prm_calls: int
+  mean_active: float
+  peak_active: int
+  retracted: int
+  peak_pages: int
+  wall_s: float
+  ilp_s: float
+
+
+def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
+                 jobs: Sequence[tuple[Sequence[int], Callable[[list[int]], str | None]]],
+                 max_active: int | None = None) -> tuple[list[SearchResult], BatchStats]:
+  """Searches many problems side by side in one page pool (tree: a SearchTree without roots
+  or with finished ones; jobs: (prompt tokens, answer_of) per problem). Every round, all
+  searches waiting for children expand in one batched generation and all fresh leaves are
+  scored in one PRM call: problems share the policy's calls as a serving system batches
+  requests, and how many run at once is bounded by the pool's pages.
+
+  Admission, as a serving scheduler admits by free memory: a problem starts while the pages
+  free, less what the running searches' next expansions may take (expansion_pages), cover its
+  prompt and its first expansion (and fewer than max_active run). A search whose expansion does
+  not fit waits a round; if none fits, the newest search is retracted (its pages freed, the
+  problem queued again from its prompt). So a method that holds fewer pages runs more problems
+  at once. Results come back in the jobs' order.
+  """
+  if not jobs:
+    raise ValueError("run_searches needs at least one job")
+  if max_active is not None and max_active < 1:
+    raise ValueError(f"max_active must be >= 1, got {max_active}")
+  t0 = time.perf_counter()
+  calls0 = tree.model_calls
+  ps = tree.pool.page_size
+  queue = list(range(len(jobs)))
+  active: list[_Search] = []
+  results: dict[int, SearchResult] = {}
+  rounds = retracted = prm_calls = peak_active = 0
+  active_sum = 0
+  ilp = 0.0
+  first = cfg.width // cfg.children if cfg.method == "dvts" else cfg.width
+
+  def start_need(i: int) -> int:
+    n = len(jobs[i][0])
+    return -(-n // ps) + first * (-(-(n + tree.max_step_tokens) // ps) - n // ps)
+
+  worst = max(start_need(i) for i in queue)
+  if worst > tree.pool.num_pages:
+    raise ValueError(f"the pool's {tree.pool.num_pages} pages cannot hold one search's first "
+                     f"expansion ({worst} pages at width {cfg.width}); give it more pages")
+  while queue or active:
+    # Admit while the free pages cover the running searches' next step and the newcomer's start.
+    while queue and (max_active is None or len(active) < max_active):
+      reserved = sum(tree.expansion_pages(s.pending) for s in active if s.pending)
+      if active and tree.pool.free_pages - reserved < start_need(queue[0]):
+        break
+      i = queue.pop(0)
+      active.append(_Search(tree, tree.add_root(jobs[i][0]), cfg, jobs[i][1], i))
+    # Expand every waiting search that fits, oldest first; retract the newest if none does.
+    while True:
+      batch, taken, free = {}, [], tree.pool.free_pages
+      for s in active:
+        if s.pending:
+          need = tree.expansion_pages(s.pending)
+          if need <= free:
+            batch.update(s.pending)
+            taken.append(s)
+            free -= need
+      waiting = [s for s in active if s.pending]
+      if taken or not waiting:
+        break
+      if len(active) == 1:
+        raise RuntimeError(f"one search's expansion needs {tree.expansion_pages(active[0].pending)}"
+                           f" pages, more than the pool's {tree.pool.free_pages} free: the pool "
+                           f"of {tree.pool.num_pages} pages is too small for one search at "
+                           f"width {cfg.width}; give it more pages")
+      victim = active.pop()
+      tree.close(victim.root)
+      queue.insert(0, victim.index)
+      retracted += 1
+    if batch:
+      kids = tree.expand(batch)
+      rounds += 1
+      active_sum += len(active)
+      peak_active = max(peak_active, len(active))
+      by_parent: dict[int, list[int]] = {}
+      for x in kids:
+        by_parent.setdefault(tree.nodes[x].parent, []).append(x)
+      for s in taken:
+        s.expanded([x for n in s.pending for x in by_parent.get(n, [])])
+    fresh = [s for s in active if s.leaves]
+    if fresh:
+      _score(scorer, fresh)
+      prm_calls += 1
+    for s in [s for s in active if s.finished]:
+      active.remove(s)
+      ilp += s.ilp_s
+      results[s.index] = s.result()
+  stats = BatchStats(rounds, tree.model_calls - calls0, prm_calls, active_sum / max(rounds, 1),
+                     peak_active, retracted, tree.pool.peak_pages, time.perf_counter() - t0, ilp)
+  return [results[i] for i in range(len(jobs))], stats
+
+
+def run_search(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
+               answer_of: Callable[[list[int]], str | None]) -> SearchResult:
+  """Searches from the tree's root until `width` solutions finished or no leaf is left.
+
+  answer_of(path tokens) -> the answer a finished solution gives (None: none parsed).
+  """
+  s = _Search(tree, tree.root, cfg, answer_of, 0)
+  while not s.finished:
+    if s.pending is not None:
+      s.expanded(tree.expand(s.pending))
+    if s.leaves:
+      _score(scorer, [s])
+  return s.result()

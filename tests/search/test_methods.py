@@ -10,7 +10,7 @@ import pytest
 
 from colm.config import ModelConfig
 from kvcache.sampling import SamplingConfig
-from search.methods import METHODS, SearchConfig, run_search
+from search.methods import METHODS, SearchConfig, run_search, run_searches
 from search.tree import SearchTree
 
 
@@ -78,3 +78,51 @@ def test_bad_configs_are_one_line_errors():
     SearchConfig("rebase", width=0)
   with pytest.raises(ValueError, match="multiple"):
     SearchConfig("beam", width=6, children=4)
+
+
+def _jobs(model, seed, n):
+  rng = np.random.default_rng(seed)
+  return [(rng.integers(3, model.cfg.vocab_size, int(rng.integers(9, 30))).tolist(),
+           lambda p: str(p[-2] % 3)) for _ in range(n)]
+
+
+def _pool(model, seed, num_pages, prompt=None):
+  return SearchTree(model, prompt, step_token=1, stop_tokens=[2], page_size=8,
+                    num_pages=num_pages, max_step_tokens=4, max_depth=3,
+                    sampling=SamplingConfig(temperature=1.0), seed=seed)
+
+
+@pytest.mark.parametrize("method", ["rebase", "ets", "dvts"])
+def test_many_searches_share_one_pool_and_its_calls(model, method):
+  seed = 113
+  print(f"seed={seed}")
+  cfg = SearchConfig(method, width=8, children=2)
+  jobs = _jobs(model, seed, 5)
+  tree = _pool(model, seed, 2048)
+  results, stats = run_searches(tree, HashScorer(), cfg, jobs)
+  assert len(results) == 5 and tree.pool.pages_in_use == 0
+  assert stats.peak_active == 5 and stats.retracted == 0  # a large pool runs all at once
+  for r in results:
+    assert 1 <= len(r.solutions) <= 8
+    assert r.kv["peak_pages"] >= r.kv["mean_pages"] > 0
+  # The problems shared the policy's calls: fewer than searching them one by one.
+  alone = 0
+  for prompt, answer_of in jobs:
+    alone += run_search(_pool(model, seed, 2048, prompt), HashScorer(), cfg,
+                        answer_of).model_calls
+  assert stats.model_calls < alone
+
+
+def test_a_small_pool_runs_searches_a_few_at_a_time(model):
+  seed = 114
+  print(f"seed={seed}")
+  cfg = SearchConfig("rebase", width=8)
+  tree = _pool(model, seed, 64)
+  results, stats = run_searches(tree, HashScorer(), cfg, _jobs(model, seed, 6))
+  assert len(results) == 6 and all(r.solutions for r in results)
+  assert stats.peak_pages <= 64 and tree.pool.pages_in_use == 0
+  assert 1 <= stats.peak_active < 6
+  with pytest.raises(ValueError, match="cannot hold one search"):
+    run_searches(_pool(model, seed, 8), HashScorer(), cfg, _jobs(model, seed, 2))
+  with pytest.raises(ValueError, match="max_active"):
+    run_searches(tree, HashScorer(), cfg, _jobs(model, seed, 2), max_active=0)
