@@ -26,10 +26,24 @@ def test_quick_bench_runs_every_method(tmp_path):
   assert len(saved["rows"]) == 6 and saved["plots"] == ["search_cpu.png"]
 
 
+def test_budgeted_bench_searches_problems_side_by_side(tmp_path):
+  res = bench_search.main(["--quick", "--out", str(tmp_path), "--widths", "2", "--n", "3",
+                           "--children", "2", "--max-depth", "3", "--max-step-tokens", "8",
+                           "--methods", "rebase", "ets", "--kv-budget", "512",
+                           "--ets-lambda-b", "2.0"])
+  assert res["kv_budget"] == 512 and res["ets_lambda_b"] == 2.0
+  for r in res["rows"]:
+    assert r["pool_pages"] == 512 * 2 // 16 and r["pool_peak_pages"] <= r["pool_pages"]
+    assert 1 <= r["mean_active"] <= r["peak_active"] <= 3 and r["rounds"] >= 1
+    assert r["peak_pages"] >= r["mean_pages"] > 0 and r["problems_per_s"] > 0
+
+
 def test_bad_settings_are_one_line_errors():
   with pytest.raises(SystemExit, match="--model"):
     bench_search.main([])
   with pytest.raises(SystemExit, match="lambdas"):
     bench_search.main(["--quick", "--lambda-b", "-1"])
+  with pytest.raises(SystemExit, match="kv-budget"):
+    bench_search.main(["--quick", "--kv-budget", "0"])
   with pytest.raises(ValueError, match="unknown search method"):
     bench_search.main(["--quick", "--methods", "mcts"])
