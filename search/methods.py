@@ -31,6 +31,7 @@ more problems side by side (ETS's throughput claim).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -280,12 +281,13 @@ def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
   scored in one PRM call: problems share the policy's calls as a serving system batches
   requests, and how many run at once is bounded by the pool's pages.
 
-  Admission, as a serving scheduler admits by free memory: a problem starts while the pages
-  free, less what the running searches' next expansions may take (expansion_pages), cover its
-  prompt and its first expansion (and fewer than max_active run). A search whose expansion does
-  not fit waits a round; if none fits, the newest search is retracted (its pages freed, the
-  problem queued again from its prompt). So a method that holds fewer pages runs more problems
-  at once. Results come back in the jobs' order.
+  Scheduling, as a serving system does it (SGLang: admission by an estimate, retraction when
+  decoding runs out of memory): a problem starts while the pages free, less what the running
+  searches' next expansions are expected to take (expansion_pages at the mean step length so
+  far), cover its prompt and its expected first expansion (and fewer than max_active run).
+  Pages are taken as the steps reach them; when the pool runs dry inside a step, the newest
+  search is retracted (its pages freed, its problem queued again from its prompt). So a method
+  that holds fewer pages runs more problems at once. Results come back in the jobs' order.
   """
   if not jobs:
     raise ValueError("run_searches needs at least one job")
@@ -297,69 +299,68 @@ def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
   queue = list(range(len(jobs)))
   active: list[_Search] = []
   results: dict[int, SearchResult] = {}
-  rounds = retracted = prm_calls = peak_active = 0
-  active_sum = 0
+  counters = {"rounds": 0, "retracted": 0, "prm_calls": 0, "peak_active": 0, "active_sum": 0}
   ilp = 0.0
   first = cfg.width // cfg.children if cfg.method == "dvts" else cfg.width
 
-  def start_need(i: int) -> int:
+  def start_need(i: int, step: int) -> int:
     n = len(jobs[i][0])
-    return -(-n // ps) + first * (-(-(n + tree.max_step_tokens) // ps) - n // ps)
+    return -(-n // ps) + first * (-(-(n + step) // ps) - n // ps)
 
-  worst = max(start_need(i) for i in queue)
+  worst = max(start_need(i, tree.max_step_tokens) for i in queue)
   if worst > tree.pool.num_pages:
     raise ValueError(f"the pool's {tree.pool.num_pages} pages cannot hold one search's first "
                      f"expansion ({worst} pages at width {cfg.width}); give it more pages")
-  while queue or active:
-    # Admit while the free pages cover the running searches' next step and the newcomer's start.
-    while queue and (max_active is None or len(active) < max_active):
-      reserved = sum(tree.expansion_pages(s.pending) for s in active if s.pending)
-      if active and tree.pool.free_pages - reserved < start_need(queue[0]):
-        break
-      i = queue.pop(0)
-      active.append(_Search(tree, tree.add_root(jobs[i][0]), cfg, jobs[i][1], i))
-    # Expand every waiting search that fits, oldest first; retract the newest if none does.
-    while True:
-      batch, taken, free = {}, [], tree.pool.free_pages
-      for s in active:
-        if s.pending:
-          need = tree.expansion_pages(s.pending)
-          if need <= free:
-            batch.update(s.pending)
-            taken.append(s)
-            free -= need
-      waiting = [s for s in active if s.pending]
-      if taken or not waiting:
-        break
-      if len(active) == 1:
-        raise RuntimeError(f"one search's expansion needs {tree.expansion_pages(active[0].pending)}"
-                           f" pages, more than the pool's {tree.pool.free_pages} free: the pool "
-                           f"of {tree.pool.num_pages} pages is too small for one search at "
-                           f"width {cfg.width}; give it more pages")
-      victim = active.pop()
-      tree.close(victim.root)
-      queue.insert(0, victim.index)
-      retracted += 1
-    if batch:
-      kids = tree.expand(batch)
-      rounds += 1
-      active_sum += len(active)
-      peak_active = max(peak_active, len(active))
-      by_parent: dict[int, list[int]] = {}
-      for x in kids:
-        by_parent.setdefault(tree.nodes[x].parent, []).append(x)
+
+  def retract() -> int | None:
+    if len(active) < 2:
+      return None  # one search alone ran out: the pool is too small (OutOfPages)
+    victim = active.pop()
+    queue.insert(0, victim.index)
+    counters["retracted"] += 1
+    return victim.root
+
+  tree.on_short = retract
+  try:
+    while queue or active:
+      # Admit while the free pages cover the running searches' expected next step and the
+      # newcomer's expected start.
+      step = max(1, math.ceil(tree.mean_step_tokens()))
+      while queue and (max_active is None or len(active) < max_active):
+        expected = sum(tree.expansion_pages(s.pending, step) for s in active if s.pending)
+        if active and tree.pool.free_pages - expected < start_need(queue[0], step):
+          break
+        i = queue.pop(0)
+        active.append(_Search(tree, tree.add_root(jobs[i][0]), cfg, jobs[i][1], i))
+      batch: dict[int, int] = {}
+      taken = [s for s in active if s.pending is not None]
       for s in taken:
-        s.expanded([x for n in s.pending for x in by_parent.get(n, [])])
-    fresh = [s for s in active if s.leaves]
-    if fresh:
-      _score(scorer, fresh)
-      prm_calls += 1
-    for s in [s for s in active if s.finished]:
-      active.remove(s)
-      ilp += s.ilp_s
-      results[s.index] = s.result()
-  stats = BatchStats(rounds, tree.model_calls - calls0, prm_calls, active_sum / max(rounds, 1),
-                     peak_active, retracted, tree.pool.peak_pages, time.perf_counter() - t0, ilp)
+        batch.update(s.pending)
+      if batch:
+        counters["rounds"] += 1
+        counters["active_sum"] += len(active)
+        counters["peak_active"] = max(counters["peak_active"], len(active))
+        kids = tree.expand(batch)  # may retract the newest searches (retract above)
+        by_parent: dict[int, list[int]] = {}
+        for x in kids:
+          by_parent.setdefault(tree.nodes[x].parent, []).append(x)
+        for s in taken:
+          if s in active:
+            s.expanded([x for n in s.pending for x in by_parent.get(n, [])])
+      fresh = [s for s in active if s.leaves]
+      if fresh:
+        _score(scorer, fresh)
+        counters["prm_calls"] += 1
+      for s in [s for s in active if s.finished]:
+        active.remove(s)
+        ilp += s.ilp_s
+        results[s.index] = s.result()
+  finally:
+    tree.on_short = None
+  c = counters
+  stats = BatchStats(c["rounds"], tree.model_calls - calls0, c["prm_calls"],
+                     c["active_sum"] / max(c["rounds"], 1), c["peak_active"], c["retracted"],
+                     tree.pool.peak_pages, time.perf_counter() - t0, ilp)
   return [results[i] for i in range(len(jobs))], stats
 
 

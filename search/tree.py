@@ -37,7 +37,7 @@ from flax import nnx
 
 from kvcache.decode import compute_weights
 from kvcache.paged import bucket, paged_decode_step, paged_prefill
-from kvcache.pool import PagePool, apply_copies, init_paged_kv
+from kvcache.pool import OutOfPages, PagePool, apply_copies, init_paged_kv
 from kvcache.sampling import SamplingConfig, sample
 
 
@@ -111,6 +111,11 @@ class SearchTree:
     # root -> [(pages held, tokens held)] after every expansion that touched it
     self.trace: dict[int, list[tuple[int, int]]] = {}
     self.tokens_by_root: dict[int, int] = {}
+    self.steps_generated = 0  # steps kept (a retracted root's steps not counted)
+    self._step_tokens = 0  # their tokens
+    # Called when the pool runs out of pages inside a step: returns a root to retract (all its
+    # sequences released, its children in the step dropped) or None to raise OutOfPages.
+    self.on_short = None
     self.root = None if prompt is None else self.add_root(prompt)
 
   def add_root(self, prompt: Sequence[int]) -> int:
@@ -223,15 +228,29 @@ class SearchTree:
     for s in self.frontier(root) if root is not None else list(self.pool.sequences()):
       self.pool.release(s)
 
-  def expansion_pages(self, counts: dict[int, int]) -> int:
-    """An upper bound on the pages `expand(counts)` takes from the free list: each child's
-    copy of its parent's partial last page and the pages a step of max_step_tokens reaches."""
+  def mean_step_tokens(self) -> float:
+    """Tokens per generated step so far (max_step_tokens before the first step)."""
+    if not self.steps_generated:
+      return float(self.max_step_tokens)
+    return self._step_tokens / self.steps_generated
+
+  def expansion_pages(self, counts: dict[int, int], step_tokens: int | None = None) -> int:
+    """The pages `expand(counts)` takes from the free list if every step has step_tokens tokens
+    (default max_step_tokens: an upper bound): each child's copy of its parent's partial last
+    page and the pages its step reaches."""
     p = self.pool.page_size
+    t = self.max_step_tokens if step_tokens is None else step_tokens
     need = 0
     for nid, c in counts.items():
       length = self.pool.length(nid)
-      need += c * (-(-(length + self.max_step_tokens) // p) - length // p)
+      need += c * (-(-(length + t) // p) - length // p)
     return need
+
+  def retract(self, root: int) -> None:
+    """Drops a root's whole search: every sequence it holds is released."""
+    self._root_of(root)
+    for s in self.frontier(root):
+      self.pool.release(s)
 
   # Expansion -----------------------------------------------------------------------------------
 
@@ -248,19 +267,42 @@ class SearchTree:
       if c and self.nodes[nid].done:
         raise ValueError(f"node {nid} ended its solution and cannot be expanded")
     kids: list[Node] = []
+    dropped: set[int] = set()  # roots retracted on the way (on_short)
     for nid, c in counts.items():
       node = self.nodes[nid]
       for _ in range(c):
+        if node.root in dropped:
+          break
         kid = self._new(nid, [], node.depth + 1)
-        self.kv = apply_copies(self.kv, self.pool.fork(nid, kid.id))
-        kids.append(kid)
-      self.pool.release(nid)
+        if self._take(lambda nid=nid, kid=kid: self.pool.fork(nid, kid.id), node.root,
+                      dropped):
+          kids.append(kid)
+      if node.root not in dropped:
+        self.pool.release(nid)
+    kids = [k for k in kids if k.root not in dropped]
     if kids:
-      self._generate(kids)
-    self._record(sorted({self.nodes[n].root for n in counts}))
-    return [k.id for k in kids]
+      self._generate(kids, dropped)
+    self._record(sorted({self.nodes[n].root for n in counts} - dropped))
+    return [k.id for k in kids if k.root not in dropped]
 
-  def _generate(self, kids: list[Node]) -> None:
+  def _take(self, alloc, root: int, dropped: set[int]) -> bool:
+    """Runs a pool allocation (fork, extend) and its page copies; when the pool is short,
+    retracts the roots on_short names until it fits. False if `root` itself was retracted."""
+    while True:
+      try:
+        self.kv = apply_copies(self.kv, alloc())
+        return True
+      except OutOfPages:
+        victim = self.on_short() if self.on_short is not None else None
+        if victim is None:
+          raise
+        self.retract(victim)
+        dropped.add(victim)
+        if victim == root:
+          return False
+
+  def _generate(self, kids: list[Node], dropped: set[int]) -> None:
+    """Samples every kid's step; roots retracted on the way (on_short) join `dropped`."""
     b = len(kids)
     bb = bucket(b)
     ps, steps = self.pool.page_size, self.max_step_tokens
@@ -282,10 +324,15 @@ class SearchTree:
       tok, self.key = _sample(logits, self.key, self.sampling)
       pos = start + t
       for j in np.flatnonzero(live & (pos // ps >= have)):  # a new page at a page's start
-        self.kv = apply_copies(self.kv, self.pool.extend(ids[j], int(pos[j]) + 1
-                                                         - self.pool.length(ids[j])))
-        tables[j, have[j]] = self.pool.table(ids[j])[-1]
-        have[j] += 1
+        if kids[j].root in dropped:  # retracted while this loop ran
+          continue
+        grow = int(pos[j]) + 1 - self.pool.length(ids[j])
+        if self._take(lambda j=j, grow=grow: self.pool.extend(ids[j], grow), kids[j].root,
+                      dropped):
+          tables[j, have[j]] = self.pool.table(ids[j])[-1]
+          have[j] += 1
+      if dropped:
+        live[:b] &= np.asarray([k.root not in dropped for k in kids])
       tok = np.asarray(tok)
       out, self.kv = paged_decode_step(self.graphdef, self.params, self.kv,
                                        jnp.asarray(np.where(live, tok, 0).astype(np.int32)),
@@ -302,6 +349,10 @@ class SearchTree:
     self.tokens_generated += int(n.sum())
     last = np.asarray(logits[:b], np.float32)
     for j, k in enumerate(kids):
+      if k.root in dropped:
+        continue
+      self.steps_generated += 1
+      self._step_tokens += int(n[j])
       k.tokens = toks[j, :n[j]].tolist()
       self.tokens_by_root[k.root] += int(n[j])
       # The pool's length lags inside a page (set when a page was taken): bring it to the end.

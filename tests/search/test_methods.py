@@ -122,6 +122,8 @@ def test_a_small_pool_runs_searches_a_few_at_a_time(model):
   assert len(results) == 6 and all(r.solutions for r in results)
   assert stats.peak_pages <= 64 and tree.pool.pages_in_use == 0
   assert 1 <= stats.peak_active < 6
+  # The pool ran dry inside a step: the newest search was retracted and rerun to the end.
+  assert stats.retracted >= 1 and tree.on_short is None
   with pytest.raises(ValueError, match="cannot hold one search"):
     run_searches(_pool(model, seed, 8), HashScorer(), cfg, _jobs(model, seed, 2))
   with pytest.raises(ValueError, match="max_active"):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from colm.config import ModelConfig
+from kvcache.pool import OutOfPages
 from kvcache.sampling import SamplingConfig
 from search.tree import SearchTree
 
@@ -102,3 +103,30 @@ def test_bad_calls_are_one_line_errors(model):
   with pytest.raises(ValueError, match="at least one token"):
     SearchTree(model, [], step_token=1)
   tree.close()
+
+
+def test_a_pool_that_runs_dry_retracts_a_root_or_raises(model):
+  seed = 105
+  print(f"seed={seed}")
+  tree = _tree(model, seed, num_pages=12, max_step_tokens=6)
+  other = tree.add_root(np.random.default_rng(seed).integers(3, 50, 21).tolist())
+  assert tree.pages_held(other) == tree.pages_held() == 3
+  with pytest.raises(OutOfPages):  # no on_short: the shortage is an error
+    tree.expand({tree.root: 4, other: 4})
+  tree.close()
+  tree = _tree(model, seed, num_pages=12, max_step_tokens=6)
+  other = tree.add_root(np.random.default_rng(seed).integers(3, 50, 21).tolist())
+  # Short while forking (21-token prompts: 4 + 4 partial-page copies) or while the first token
+  # of a step takes a new page (24-token prompts, full pages shared: 2 + 2 new pages).
+  rng = np.random.default_rng(seed)
+  for n, length, pages in ((4, 21, 12), (2, 24, 8)):
+    tree = SearchTree(model, rng.integers(3, 50, length).tolist(), step_token=1,
+                      stop_tokens=[2], page_size=8, num_pages=pages, max_step_tokens=6,
+                      sampling=SamplingConfig(temperature=1.0), seed=seed)
+    other = tree.add_root(rng.integers(3, 50, length).tolist())
+    tree.on_short = lambda other=other: other
+    kids = tree.expand({tree.root: n, other: n})
+    assert len(kids) == n and all(tree.nodes[k].root == tree.root for k in kids)
+    assert tree.frontier(other) == [] and tree.pool.pages_in_use == tree.pages_held()
+    tree.close()
+    assert tree.pool.pages_in_use == 0
