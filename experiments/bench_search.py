@@ -27,15 +27,20 @@ import numpy as np
 from experiments.results import RESULTS_DIR, compile_seconds, write_results
 
 
+def _spec(info: dict) -> tuple[str, dict]:
+  """(family, problem settings) of the training run: its config's, so that the problems are
+  what the policy learned (another spec is outside its training)."""
+  fam = info.get("family", "countdown")
+  spec = info.get("spec") or (info.get("config") or {}).get(fam) or {}
+  return fam, {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+
+
 def _problems(info: dict, n: int, seed: int):
   from experiments import reasoning
-  fam = info.get("family", "countdown")
-  spec = info.get("spec") or {}
+  fam, spec = _spec(info)
   if fam == "countdown":
-    return reasoning.countdown(n, reasoning.CountdownSpec(**spec) if spec else
-                               reasoning.CountdownSpec(), seed=seed)
-  return reasoning.arithmetic(n, reasoning.ArithmeticSpec(**spec) if spec else
-                              reasoning.ArithmeticSpec(), seed=seed)
+    return reasoning.countdown(n, reasoning.CountdownSpec(**spec), seed=seed)
+  return reasoning.arithmetic(n, reasoning.ArithmeticSpec(**spec), seed=seed)
 
 
 def greedy_accuracy(policy, tok, problems, stop: int, max_new: int) -> float:
@@ -221,7 +226,8 @@ def main(argv=None) -> dict:
   max_new = min(args.max_depth * args.max_step_tokens, policy.cfg.max_seq_len - longest)
   res = {"model": str(model_dir), "model_info": {k: v for k, v in info.items()
                                                  if isinstance(v, int | float | str)},
-         "n": n, "widths": widths, "methods": args.methods, "children": args.children,
+         "problem_spec": _spec(info)[1], "n": n, "widths": widths, "methods": args.methods,
+         "children": args.children,
          "temperature": args.temperature, "max_depth": args.max_depth,
          "ilp_solver": solver_name(), "page_size": args.page_size,
          "kv_budget": args.kv_budget, "ets_lambda_b": args.ets_lambda_b,

@@ -618,7 +618,8 @@ def run(cfg: ReasoningConfig, out: Path, results_dir: Path, tag: str = "") -> di
   samples = reference_outputs(policy, prm, tok, held[:SAMPLES], gen(longest))
   t_eval = time.time() - t0
 
-  info = {"family": cfg.family, "seed": cfg.seed, "step_token": step_id, "eot": eot,
+  info = {"family": cfg.family, "spec": dataclasses.asdict(cfg.spec), "seed": cfg.seed,
+          "step_token": step_id, "eot": eot,
           "gen_tokens": gen(longest), "policy_steps": len(pol_curve),
           "prm_steps": len(prm_curve)}
   out.mkdir(parents=True, exist_ok=True)

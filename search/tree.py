@@ -320,6 +320,9 @@ class SearchTree:
     live[:b] = True
     toks = np.zeros((b, steps), np.int64)
     n = np.zeros(b, np.int64)
+    # tables and live change in place between tokens: they go to the device as copies
+    # (jnp.array), since a CPU array made by jnp.asarray may share the NumPy buffer while an
+    # asynchronously dispatched call still reads it.
     for t in range(steps):
       tok, self.key = _sample(logits, self.key, self.sampling)
       pos = start + t
@@ -333,21 +336,21 @@ class SearchTree:
           have[j] += 1
       if dropped:
         live[:b] &= np.asarray([k.root not in dropped for k in kids])
-      tok = np.asarray(tok)
+      tok = np.array(tok)  # a host copy (a view of the device buffer can be reused under it)
       out, self.kv = paged_decode_step(self.graphdef, self.params, self.kv,
                                        jnp.asarray(np.where(live, tok, 0).astype(np.int32)),
                                        jnp.asarray(np.where(live, pos, -1).astype(np.int32)),
-                                       jnp.asarray(tables), None, self.decode_attn)
+                                       jnp.array(tables), None, self.decode_attn)
       self.model_calls += 1
       rows = np.flatnonzero(live[:b])
       toks[rows, t] = tok[rows]
       n[rows] += 1
-      logits = _keep(jnp.asarray(live), out, logits)
+      logits = _keep(jnp.array(live), out, logits)
       live[rows] &= ~np.isin(tok[rows], self._ends)
       if not live.any():
         break
     self.tokens_generated += int(n.sum())
-    last = np.asarray(logits[:b], np.float32)
+    last = np.array(logits[:b], np.float32)  # a host copy, not a view of a device buffer
     for j, k in enumerate(kids):
       if k.root in dropped:
         continue
@@ -358,7 +361,7 @@ class SearchTree:
       # The pool's length lags inside a page (set when a page was taken): bring it to the end.
       self.kv = apply_copies(self.kv, self.pool.extend(k.id, int(start[j] + n[j])
                                                        - self.pool.length(k.id)))
-      k.logits = last[j]
+      k.logits = last[j].copy()
       end = k.tokens[-1]
       k.truncated = end != self.step_token and end not in self.stop_tokens
       k.done = end in self.stop_tokens or k.depth >= self.max_depth

@@ -32,6 +32,8 @@ def test_budgeted_bench_searches_problems_side_by_side(tmp_path):
                            "--methods", "rebase", "ets", "--kv-budget", "512",
                            "--ets-lambda-b", "2.0"])
   assert res["kv_budget"] == 512 and res["ets_lambda_b"] == 2.0
+  # The problems follow the training run's settings (the quick preset's 3 numbers).
+  assert res["problem_spec"]["n_numbers"] == 3
   for r in res["rows"]:
     assert r["pool_pages"] == 512 * 2 // 16 and r["pool_peak_pages"] <= r["pool_pages"]
     assert 1 <= r["mean_active"] <= r["peak_active"] <= 3 and r["rounds"] >= 1

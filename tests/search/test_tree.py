@@ -130,3 +130,22 @@ def test_a_pool_that_runs_dry_retracts_a_root_or_raises(model):
     assert tree.frontier(other) == [] and tree.pool.pages_in_use == tree.pages_held()
     tree.close()
     assert tree.pool.pages_in_use == 0
+
+
+def test_logits_stay_exact_under_prunes_and_several_roots(model, full_forward):
+  seed = 106
+  print(f"seed={seed}")
+  rng = np.random.default_rng(seed)
+  tree = _tree(model, seed)
+  roots = [tree.root, tree.add_root(rng.integers(3, 50, 17).tolist())]
+  front = tree.expand({r: 3 for r in roots})
+  for _ in range(3):  # done leaves released, the others given 0-2 children (0: pruned)
+    for n in front:
+      if tree.nodes[n].done:
+        tree.release(n)
+    front = tree.expand({n: int(rng.integers(0, 3)) for n in front if not tree.nodes[n].done})
+    for n in front:
+      dense = np.asarray(full_forward(model, np.asarray([tree.path(n)], np.int32)))[0, -1]
+      np.testing.assert_allclose(tree.nodes[n].logits, dense, atol=2e-4, rtol=2e-4)
+  tree.close()
+  assert tree.pool.pages_in_use == 0
