@@ -25,19 +25,19 @@ from tqdm import tqdm
 from experiments.bench_attention import time_ms
 from experiments.results import write_results
 from kvcache.paged import (
-    DEFAULT_PREFIX_IMPL,
-    PREFIX_IMPLS,
-    prefix_groups,
-    shared_paged_attention,
+  DEFAULT_PREFIX_IMPL,
+  PREFIX_IMPLS,
+  prefix_groups,
+  shared_paged_attention,
 )
-from pallas_kernels import cudnn_paged
 from kvcache.pool import PagePool
 from kvcache.radix import RadixTree
+from pallas_kernels import cudnn_paged
 from pallas_kernels.decode import (
-    cache_decode_attention,
-    default_block_tokens,
-    paged_decode_attention,
-    paged_decode_attention_parts,
+  cache_decode_attention,
+  default_block_tokens,
+  paged_decode_attention,
+  paged_decode_attention_parts,
 )
 
 
@@ -136,7 +136,6 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
     o_sh = fn(qs, kpool, vpool)
     err_by_impl[impl] = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
         jnp.float32))))
-  shared = shared_fn(DEFAULT_PREFIX_IMPL)
   t_shared = by_impl[DEFAULT_PREFIX_IMPL]
   # Its two parts, each in a launch of its own: the prefix part (a group's 16 x G query rows
   # as the kernel's rows, over the group's prefix pages) and the own part (each sequence's

@@ -31,7 +31,6 @@ from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
 from pallas_kernels.merge import merge_attention, merge_partials
 
-
 PREFIX_IMPLS = ("one_launch", "pallas", "cudnn")  # shared_paged_attention's prefix_impl
 DEFAULT_PREFIX_IMPL = "one_launch"
 
