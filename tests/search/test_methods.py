@@ -128,3 +128,27 @@ def test_a_small_pool_runs_searches_a_few_at_a_time(model):
     run_searches(_pool(model, seed, 8), HashScorer(), cfg, _jobs(model, seed, 2))
   with pytest.raises(ValueError, match="max_active"):
     run_searches(tree, HashScorer(), cfg, _jobs(model, seed, 2), max_active=0)
+
+
+def test_searches_side_by_side_keep_every_step_exact(model, full_forward):
+  # Every node the searches generated (retracted roots' included) holds the logits a dense
+  # forward gives after its path: the next step's first token is drawn from the right place.
+  # (A host buffer written after its transfer once left rows that ended a step with stale
+  # logits, at random: bench cells at accuracy 0; see test_tree's host-buffer test.)
+  seed = 115
+  print(f"seed={seed}")
+  jobs = _jobs(model, seed, 6)
+  tree = _pool(model, seed, 40)  # small: searches are retracted and rerun
+  results, stats = run_searches(tree, HashScorer(), SearchConfig("rebase", width=8), jobs)
+  assert stats.retracted >= 1 and all(len(r.solutions) == 8 for r in results)
+  for (prompt, _), r in zip(jobs, results):
+    assert all(path[:len(prompt)] == prompt for _, _, path in r.solutions)
+  ids = [i for i, n in tree.nodes.items() if n.parent is not None and n.logits is not None]
+  paths = [tree.path(i) for i in ids]
+  tokens = np.zeros((len(paths), max(map(len, paths))), np.int32)
+  for row, p in enumerate(paths):
+    tokens[row, :len(p)] = p  # right-padded: causal, so the padding changes nothing before it
+  dense = full_forward(model, tokens)
+  for row, (i, p) in enumerate(zip(ids, paths)):
+    np.testing.assert_allclose(tree.nodes[i].logits, dense[row, len(p) - 1], atol=2e-4,
+                               rtol=2e-4, err_msg=f"node {i}")
