@@ -24,20 +24,14 @@ from tqdm import tqdm
 
 from experiments.bench_attention import time_ms
 from experiments.results import write_results
-from kvcache.paged import (
-  DEFAULT_PREFIX_IMPL,
-  PREFIX_IMPLS,
-  prefix_groups,
-  shared_paged_attention,
-)
+from kvcache.paged import prefix_groups, shared_paged_attention
 from kvcache.pool import PagePool
 from kvcache.radix import RadixTree
-from pallas_kernels import cudnn_paged
 from pallas_kernels.decode import (
-  cache_decode_attention,
-  default_block_tokens,
-  paged_decode_attention,
-  paged_decode_attention_parts,
+    cache_decode_attention,
+    default_block_tokens,
+    paged_decode_attention,
+    paged_decode_attention_parts,
 )
 
 
@@ -115,28 +109,16 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
                            for gi in range(groups)], ns, page_size)
   positions = jnp.full((ns, 1), prefix + suffix - 1, jnp.int32)
 
-  def shared_fn(impl):
-    @jax.jit
-    def shared(qs, kpool, vpool):
-      # kvcache's shared-prefix attention: each group's prefix pages once for all its
-      # sequences' query rows, merged by log-sum-exp with each sequence's own pages after the
-      # prefix (impl: how the prefix part runs, shared_paged_attention's prefix_impl).
-      o, lse = shared_paged_attention(qs[:, None], kpool, vpool, full_tables, positions,
-                                      groups_, kernel=True, prefix_impl=impl)
-      return o[:, 0], lse[:, 0]
-    return shared
+  @jax.jit
+  def shared(qs, kpool, vpool):
+    # kvcache's shared-prefix attention: each group's prefix pages once for all its sequences'
+    # query rows (the paged kernel with a group's rows as its rows), merged by log-sum-exp with
+    # each sequence's own pages after the prefix.
+    o, lse = shared_paged_attention(qs[:, None], kpool, vpool, full_tables, positions, groups_,
+                                    kernel=True)
+    return o[:, 0], lse[:, 0]
 
-  cudnn_used = cudnn_paged.available() and cudnn_paged.supports(
-      groups_.members.shape[0], pool_pages, groups_.tables.shape[1], e, dt)
-  by_impl, err_by_impl = {}, {}
-  o_ref = per_seq(*per_args)
-  for impl in PREFIX_IMPLS:
-    fn = shared_fn(impl)
-    by_impl[impl] = time_ms(fn, (qs, kpool, vpool), repeats, inner=inner)
-    o_sh = fn(qs, kpool, vpool)
-    err_by_impl[impl] = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
-        jnp.float32))))
-  t_shared = by_impl[DEFAULT_PREFIX_IMPL]
+  t_shared = time_ms(shared, (qs, kpool, vpool), repeats, inner=inner)
   # Its two parts, each in a launch of its own: the prefix part (a group's 16 x G query rows
   # as the kernel's rows, over the group's prefix pages) and the own part (each sequence's
   # suffix pages).
@@ -157,7 +139,10 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
         [a, b], kp, vp, block_tokens=[bs, default_block_tokens(e, 2, g)], merge_splits=False))
     one_launch[str(bs)] = time_ms(fn, (pre_args, own_args, kpool, vpool), repeats, inner=inner)
   kernel_alone = one_launch[str(default_block_tokens(e, 2, per_group * g))]
-  shared_err = err_by_impl[DEFAULT_PREFIX_IMPL]
+  o_ref = per_seq(*per_args)
+  o_sh = shared(qs, kpool, vpool)
+  shared_err = float(jnp.max(jnp.abs(o_ref[0].astype(jnp.float32) - o_sh[0].astype(
+      jnp.float32))))
   return {"batch": b, "context": n, "kv_heads": k, "group": g, "head_dim": e,
           "page_size": page_size, "inner_calls": inner, "contiguous_kernel_ms": contiguous,
           "paged_kernel_ms": paged,
@@ -167,10 +152,7 @@ def speed(batch: int, context: int, kv_heads: int, group: int, head_dim: int, pa
           "shared_max_abs_diff": shared_err, "shared_prefix_part_ms": t_prefix,
           "shared_own_part_ms": t_own, "shared_one_launch_ms_by_prefix_tile": one_launch,
           "shared_kernel_alone_ms": kernel_alone,
-          "shared_around_kernel_ms": by_impl["one_launch"] - kernel_alone,
-          "prefix_impl": DEFAULT_PREFIX_IMPL, "cudnn_prefix_used": cudnn_used,
-          "shared_ms_by_prefix_impl": by_impl, "shared_max_abs_diff_by_prefix_impl": err_by_impl,
-          "shared_speedup_by_prefix_impl": {i: t_per / t for i, t in by_impl.items()},
+          "shared_around_kernel_ms": t_shared - kernel_alone,
           "shared_prefix_speedup": t_per / t_shared}
 
 
@@ -202,10 +184,6 @@ def main(argv: list[str] | None = None) -> dict:
       print(f"{r['page_size']:5d} {r['contiguous_kernel_ms']:10.3f} {r['paged_kernel_ms']:9.3f} "
             f"{r['paged_over_contiguous_speed']:12.2f}x {r['per_sequence_paged_ms']:11.3f} "
             f"{r['shared_prefix_ms']:10.3f} {r['shared_prefix_speedup']:15.2f}x")
-    for r in rows:
-      print(f"page {r['page_size']}: shared-prefix speed-up by prefix part (default "
-            f"{r['prefix_impl']}): " + ", ".join(
-                f"{i} {x:.2f}x" for i, x in r["shared_speedup_by_prefix_impl"].items()))
     print(f"wrote {path}")
     return {"rows": rows, "path": str(path)}
   rows = [measure(args.groups, args.per_group, args.prefix, args.suffix, int(s))

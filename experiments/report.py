@@ -328,29 +328,20 @@ SPECS: dict[str, TableSpec] = {
                  ("paged ms", "paged_kernel_ms", _ms),
                  ("paged / contiguous speed", "paged_over_contiguous_speed", _x),
                  ("per-sequence paged ms", "per_sequence_paged_ms", _ms),
-                 ("shared, one launch ms", "shared_ms_one_launch", _ms),
-                 ("shared, Pallas prefix first ms", "shared_ms_pallas", _ms),
-                 ("shared, cuDNN prefix first ms", "shared_ms_cudnn", _ms),
+                 ("shared-prefix ms", "shared_prefix_ms", _ms),
+                 ("its kernel alone ms", "shared_kernel_alone_ms", _ms),
                  ("prefix part alone ms", "shared_prefix_part_ms", _ms),
                  ("own part alone ms", "shared_own_part_ms", _ms),
-                 ("default", "prefix_impl", _plain),
                  ("shared-prefix speed-up", "shared_prefix_speedup", _x)),
-        rows=lambda p: [{**r, **{f"shared_ms_{i}": t for i, t in
-                                 r.get("shared_ms_by_prefix_impl", {}).items()
-                                 if i != "cudnn" or r.get("cudnn_prefix_used")}}
-                        for r in table_rows(p)],  # (no cuDNN: its column would be Pallas's)
         note=lambda p: (lambda r: f"Decode attention, bf16, {r.get('kv_heads')} KV heads x "
                         f"{r.get('group')} query heads, head dim {r.get('head_dim')}. Paged vs "
                         f"contiguous: batch {r.get('batch')}, {r.get('context')} tokens. "
                         f"Shared prefix: {r.get('groups')} groups x {r.get('per_group')} "
                         f"sequences, {r.get('prefix')}-token prefix + {r.get('suffix')}-token "
                         f"suffix each; shared-prefix: the prefix part (a group's rows over its "
-                        f"prefix pages, once) and the own part (each sequence's suffix pages), "
-                        f"either in one launch of the paged kernel and merged by log-sum-exp, "
-                        f"or the prefix part first (the paged kernel, or cuDNN's paged flash "
-                        f"attention) and the own part starting from it; the speed-up is the "
-                        f"default's (`kvcache.paged.DEFAULT_PREFIX_IMPL` when measured); the "
-                        f"parts alone: each in a launch of its own. Median of samples of "
+                        f"prefix pages, once) and the own part (each sequence's suffix pages) "
+                        f"in one launch of the paged kernel, merged by log-sum-exp; the parts "
+                        f"alone: each in a launch of its own. Median of samples of "
                         f"{r.get('inner_calls')} calls "
                         f"dispatched back to back.")(table_rows(p)[0])),
     "triton_attention": TableSpec(

@@ -31,9 +31,6 @@ from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
 from pallas_kernels.merge import merge_attention, merge_partials
 
-PREFIX_IMPLS = ("one_launch", "pallas", "cudnn")  # shared_paged_attention's prefix_impl
-DEFAULT_PREFIX_IMPL = "one_launch"
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -102,9 +99,8 @@ def _page_view(k_pages: jax.Array, tables: jax.Array) -> jax.Array:
 
 def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            tables: jax.Array, positions: jax.Array, groups: PrefixGroups, *,
-                           kernel: bool = False, prefix_splits: int | None = None,
-                           prefix_impl: str = DEFAULT_PREFIX_IMPL
-                           ) -> tuple[jax.Array, jax.Array]:
+                           kernel: bool = False,
+                           prefix_splits: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of T new queries per row over its pages, each group's prefix attended once.
 
   Args:
@@ -122,13 +118,6 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     prefix_splits: with the kernel, the prefix pages cut into this many splits (default: the
       kernel's, none when the two parts' programs fill the GPU; on an H200 more splits did not
       run faster). Every row's prefix splits and own part are merged in one pass.
-    prefix_impl: with the kernel, how the prefix part runs. "one_launch": both parts in one
-      launch, then the merge (above). "pallas" / "cudnn": the prefix part first (the paged
-      kernel with the group's rows; or cuDNN's paged flash attention,
-      pallas_kernels.cudnn_paged, GPU only, where it `supports` the pool), then the own part
-      starts each row's running softmax from its group's prefix result (the kernel's priors):
-      two launches and no merge pass. "cudnn" falls back to "pallas" where cuDNN does not
-      apply.
   Returns:
     (out [B, T, K, G, E] in q's dtype, lse [B, T, K, G] float32): equal to attention over each
     row's whole table.
@@ -149,11 +138,6 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   rel = positions - groups.shift[:, None]
   idx = jnp.maximum(groups.slot, 0)
   grouped = (groups.slot >= 0)[:, None, None, None]
-  if prefix_impl not in PREFIX_IMPLS:
-    raise ValueError(f"prefix_impl must be one of {PREFIX_IMPLS}, got {prefix_impl!r}")
-  if decode and prefix_impl != "one_launch":
-    return _prefix_first(q[:, 0], rows, k_pages, v_pages, own, rel[:, 0], groups, idx,
-                         grouped[:, :, :, 0], prefix_impl, prefix_splits)
   if decode:  # both parts in one launch of the paged kernel, its float32 split partials
     from pallas_kernels.decode import paged_decode_attention_parts
     (o_p, lse_p), (o_s, lse_s) = paged_decode_attention_parts(
@@ -184,29 +168,6 @@ def shared_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   lse_pb = jnp.where(grouped, lse_p[idx], -jnp.inf)
   out, lse = merge_attention(out_p, lse_pb, o_s, lse_s)
   return out.astype(dtype), lse
-
-
-def _prefix_first(q, rows, k_pages, v_pages, own, rel, groups: PrefixGroups, idx, grouped,
-                  impl: str, prefix_splits: int | None):
-  """shared_paged_attention's decode with the prefix part first: q [B, K, G, E], rows
-  [Gr, K, M * G, E] (each group's rows), own [B, W] / rel [B] each row's pages after its prefix
-  and its position there; returns (out [B, 1, K, G, E], lse [B, 1, K, G])."""
-  from pallas_kernels import cudnn_paged
-  from pallas_kernels.decode import paged_decode_attention_parts
-  b, kh, g, e = q.shape
-  gr, mm = groups.members.shape
-  if impl == "cudnn" and cudnn_paged.available() and cudnn_paged.supports(
-      gr, k_pages.shape[1], groups.tables.shape[1], e, k_pages.dtype):
-    o_p, lse_p = cudnn_paged.cudnn_prefix_attention(rows.astype(k_pages.dtype), k_pages, v_pages,
-                                                    groups.tables, groups.length)
-  else:
-    (o_p, lse_p), = paged_decode_attention_parts(
-        [(rows, groups.tables, groups.length - 1)], k_pages, v_pages,
-        num_splits=None if prefix_splits is None else [prefix_splits], out_dtype=jnp.float32)
-  o_p, lse_p = (_member_rows(x[:, :, None], mm, g)[idx][:, :, 0] for x in (o_p, lse_p))
-  prior = (o_p, jnp.where(grouped, lse_p, -jnp.inf))  # [B, K, G, E], [B, K, G]
-  (out, lse), = paged_decode_attention_parts([(q, own, rel)], k_pages, v_pages, priors=[prior])
-  return out[:, None], lse[:, None]
 
 
 @dataclasses.dataclass

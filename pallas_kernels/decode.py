@@ -94,24 +94,13 @@ def _store_rows(ref, start, live, val):
       live.reshape((n,) + (1,) * (val.ndim - 1)), val.shape))
 
 
-def _prior_state(o, lse):
-  """A running state (acc, m, l) that already holds a partial attention over other keys:
-  its normalised output o [rows, E] and natural log-sum-exp lse [rows] (-inf: none). In base
-  2 with m = lse * log2(e) the partial's weights sum to l = 1 and acc = o."""
-  none = lse == -jnp.inf
-  return (jnp.where(none[:, None], 0.0, o.astype(jnp.float32)),
-          jnp.where(none, MASK_VALUE, lse * LOG2E), jnp.where(none, 0.0, 1.0))
-
-
-def _run_blocks(first, last, body, tiles: int, rows: int, width: int, init=None):
+def _run_blocks(first, last, body, tiles: int, rows: int, width: int):
   """Runs body over blocks [first, last) from an empty state per row tile (the carry: a tuple
-  of `tiles` states of `rows` rows), or from the states `init` (_prior_state); returns each
-  tile's (normalised partial output [rows, width], natural log-sum-exp [rows], -inf where
-  nothing was valid)."""
-  if init is None:
-    init = tuple((jnp.zeros((rows, width), jnp.float32),
-                  jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
-                 for _ in range(tiles))
+  of `tiles` states of `rows` rows); returns each tile's (normalised partial output [rows,
+  width], natural log-sum-exp [rows], -inf where nothing was valid)."""
+  init = tuple((jnp.zeros((rows, width), jnp.float32),
+                jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))
+               for _ in range(tiles))
   states = lax.fori_loop(first, jnp.maximum(first, last), body, init)
   out = []
   for acc, m, l in states:
@@ -164,12 +153,11 @@ def _gather_rows(ref, rows, live, interpret: bool):
   return _pltriton.load(ref.at[rows, :], mask=mask, other=jnp.zeros((), ref.dtype))
 
 
-def _paged_part(h, split, q_pos_ref, table_ref, q_ref, *prior_refs, k_ref, v_ref, o_ref, lse_ref,
-                seq, group: int, block_tokens: int, row_tile: int, num_splits: int, kv_heads: int,
+def _paged_part(h, split, q_pos_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, seq,
+                group: int, block_tokens: int, row_tile: int, num_splits: int, kv_heads: int,
                 page_size: int, qk_scale: float, interpret: bool):
   """One (sequence, KV head h, split) of a part: partial attention of its G query rows over a
-  page table; with prior_refs (po_ref [B * K * G, E] float32, plse_ref [B * K * G], q's rows),
-  its rows start from that partial attention over other keys, so the output is the merge.
+  page table.
 
   q_pos_ref [1] int32, table_ref [W] int32 (entry i: page table[i], positions i * S .. i * S +
   S - 1), q_ref [B * K * G, E] (every part's rows, unpadded: row (b * K + k) * G + g),
@@ -188,16 +176,6 @@ def _paged_part(h, split, q_pos_ref, table_ref, q_ref, *prior_refs, k_ref, v_ref
   o_row = ((seq * kv_heads + h) * num_splits + split) * group
   rows = lax.broadcasted_iota(jnp.int32, (tr,), 0)
   qs = [_load_rows(q_ref, q_row + i * tr, tr, i * tr + rows < group) for i in range(tiles)]
-  init = None
-  if prior_refs:
-    po_ref, plse_ref = prior_refs
-    init = []
-    for i in range(tiles):
-      live = i * tr + rows < group
-      plse = plse_ref[pl.ds(q_row + i * tr, tr)]
-      init.append(_prior_state(_load_rows(po_ref, q_row + i * tr, tr, live),
-                               jnp.where(live, plse, -jnp.inf)))
-    init = tuple(init)
   n_tok = jnp.minimum(q_pos_ref[0] + 1, n_entries * s)  # tokens up to the query's own
   n_iter = (n_tok + bs - 1) // bs
   per_split = (n_iter + num_splits - 1) // num_splits
@@ -217,34 +195,28 @@ def _paged_part(h, split, q_pos_ref, table_ref, q_ref, *prior_refs, k_ref, v_ref
     valid = jnp.broadcast_to(live[None, :], (tr, bs))
     return tuple(_online_step(c, qi, k, v, valid, qk_scale) for c, qi in zip(carry, qs))
 
-  outs = _run_blocks(first, last, body, tiles, tr, q_ref.shape[1], init)
+  outs = _run_blocks(first, last, body, tiles, tr, q_ref.shape[1])
   for i, (o, lse) in enumerate(outs):
     live = i * tr + rows < group
     _store_rows(o_ref, o_row + i * tr, live, o)
     _store_rows(lse_ref, o_row + i * tr, live, lse)
 
 
-def _paged_kernel(*refs, parts: tuple[tuple[int, int, int, int, int, int, bool], ...], **kw):
+def _paged_kernel(*refs, parts: tuple[tuple[int, int, int, int, int, int], ...], **kw):
   """All parts' programs in one launch (grid (K, sum of B_i * P_i)): program i runs part j's
   (sequence, split) when i falls in part j's range [offset, offset + B_j * P_j).
 
-  refs: per part (q_pos, table, q) and, with a prior, (prior o, prior lse), then k, v, then
-  per part (o, lse); parts: per part (offset, B, P, G, block tokens, row tile, has prior),
-  static.
+  refs: per part (q_pos, table, q), then k, v, then per part (o, lse); parts: per part
+  (offset, B, P, G, block tokens, row tile), static.
   """
   n = len(parts)
-  n_in = sum(5 if part[6] else 3 for part in parts)
-  ins, (k_ref, v_ref), outs = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
+  ins, (k_ref, v_ref), outs = refs[:3 * n], refs[3 * n:3 * n + 2], refs[3 * n + 2:]
   h, i = pl.program_id(0), pl.program_id(1)  # (read here: not inside a pl.when)
-  at = 0
-  for j, (offset, b, p, g, bs, tr, prior) in enumerate(parts):
+  for j, (offset, b, p, g, bs, tr) in enumerate(parts):
     local = jnp.clip(i - offset, 0, b * p - 1)
-    width = 5 if prior else 3
-    run = functools.partial(_paged_part, h, local // b, *ins[at:at + width], k_ref=k_ref,
-                            v_ref=v_ref, o_ref=outs[2 * j], lse_ref=outs[2 * j + 1],
-                            seq=local % b, group=g, block_tokens=bs, row_tile=tr, num_splits=p,
-                            **kw)
-    at += width
+    run = functools.partial(_paged_part, h, local // b, *ins[3 * j:3 * j + 3], k_ref, v_ref,
+                            *outs[2 * j:2 * j + 2], seq=local % b, group=g, block_tokens=bs,
+                            row_tile=tr, num_splits=p, **kw)
     if n == 1:
       run()
     else:
@@ -324,39 +296,32 @@ def _seq_specs(offset: int, B: int, P: int, W: int):
 @functools.partial(jax.jit, static_argnames=("block_tokens", "row_tiles", "num_splits", "sm_scale",
                                              "out_dtype", "merge_splits", "num_warps",
                                              "num_stages", "interpret", "debug"))
-def _paged(qs, k_pages, v_pages, tables, q_pos, priors, *, block_tokens, row_tiles, num_splits,
-           sm_scale, out_dtype, merge_splits, num_warps, num_stages, interpret, debug):
-  """The paged kernel over parts (qs / tables / q_pos / priors: tuples, part j [B_j, K, G_j, E]
-  / [B_j, W_j] / [B_j] / None or (o [B_j, K, G_j, E], lse [B_j, K, G_j])) in one launch; pages
-  [K, P, S, E] read in place, queries and outputs as flat unpadded rows (the interpreter gets
-  a row tile of slack: its slices clamp), each part's num_splits[j] splits merged
-  (merge_splits) or returned as float32 partials."""
+def _paged(qs, k_pages, v_pages, tables, q_pos, *, block_tokens, row_tiles, num_splits, sm_scale,
+           out_dtype, merge_splits, num_warps, num_stages, interpret, debug):
+  """The paged kernel over parts (qs / tables / q_pos: tuples, part j [B_j, K, G_j, E] /
+  [B_j, W_j] / [B_j]) in one launch; pages [K, P, S, E] read in place, queries and outputs as
+  flat unpadded rows (the interpreter gets a row tile of slack: its slices clamp), each
+  part's num_splits[j] splits merged (merge_splits) or returned as float32 partials."""
   kh, p, s, E = k_pages.shape
   k, v = k_pages.reshape(kh, p * s, E), v_pages.reshape(kh, p * s, E)
   slack = max(row_tiles) if interpret else 0
   args, in_specs, out_specs, out_shape, parts = [], [], [], [], []
   offset = 0
-  for q, t, qp_, prior, n_split, bs, tr in zip(qs, tables, q_pos, priors, num_splits,
-                                               block_tokens, row_tiles):
+  for q, t, qp_, n_split, bs, tr in zip(qs, tables, q_pos, num_splits, block_tokens, row_tiles):
     B, W = t.shape
     G = q.shape[2]
     qf = q.astype(k_pages.dtype).reshape(B * kh * G, E)
-    flat = [qf]
-    if prior is not None:
-      flat += [prior[0].astype(jnp.float32).reshape(B * kh * G, E),
-               prior[1].astype(jnp.float32).reshape(B * kh * G)]
     if slack:
-      flat = [jnp.pad(x, ((0, slack),) + ((0, 0),) * (x.ndim - 1)) for x in flat]
-    args += [qp_.astype(jnp.int32)[:, None], t.astype(jnp.int32), *flat]
+      qf = jnp.pad(qf, ((0, slack), (0, 0)))
+    args += [qp_.astype(jnp.int32)[:, None], t.astype(jnp.int32), qf]
     in_specs += _seq_specs(offset, B, n_split, W) + [
-        pl.BlockSpec(x.shape, (lambda h, i: (0, 0)) if x.ndim == 2 else (lambda h, i: (0,)))
-        for x in flat]
+        pl.BlockSpec(qf.shape, lambda h, i: (0, 0))]
     n_out = B * kh * n_split * G + slack
     out_specs += [pl.BlockSpec((n_out, E), lambda h, i: (0, 0)),
                   pl.BlockSpec((n_out,), lambda h, i: (0,))]
     out_shape += [jax.ShapeDtypeStruct((n_out, E), jnp.float32),
                   jax.ShapeDtypeStruct((n_out,), jnp.float32)]
-    parts.append((offset, B, n_split, G, bs, tr, prior is not None))
+    parts.append((offset, B, n_split, G, bs, tr))
     offset += B * n_split
   kv_spec = pl.BlockSpec((None, p * s, E), lambda h, i: (h, 0, 0))
   res = pl.pallas_call(
@@ -367,7 +332,7 @@ def _paged(qs, k_pages, v_pages, tables, q_pos, priors, *, block_tokens, row_til
       debug=debug, name="paged_decode_attention",
   )(*args, k, v)
   outs = []
-  for j, (q, (_, B, n_split, G, *_)) in enumerate(zip(qs, parts)):
+  for j, (q, (_, B, n_split, G, _, _)) in enumerate(zip(qs, parts)):
     n = B * kh * n_split * G
     o = res[2 * j][:n].reshape(B, kh, n_split, G, E)
     lse = res[2 * j + 1][:n].reshape(B, kh, n_split, G)
@@ -555,9 +520,9 @@ def paged_decode_attention(q, k_pages, v_pages, tables, q_pos, *, sm_scale: floa
 
 def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | None = None,
                                  block_tokens=None, row_tiles=None, num_splits=None,
-                                 priors=None, out_dtype=None, merge_splits: bool = True,
-                                 num_warps: int = 4, num_stages: int = 2,
-                                 interpret: bool | None = None, debug: bool = False):
+                                 out_dtype=None, merge_splits: bool = True, num_warps: int = 4,
+                                 num_stages: int = 2, interpret: bool | None = None,
+                                 debug: bool = False):
   """paged_decode_attention of several parts over one pool in ONE kernel launch.
 
   Each part is (q [B_j, K, G_j, E], tables int [B_j, W_j], q_pos int [B_j]), as
@@ -570,10 +535,6 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   Default splits: for one part, enough programs to fill the GPU, each keeping >= 4 tiles; for
   several parts, none while their programs together fill it (a split's partials cost a merge),
   else each part's own default.
-  priors: None or one entry per part, None or (o [B_j, K, G_j, E], lse [B_j, K, G_j] natural,
-  -inf where empty): a partial attention of the part's rows over other keys (a shared
-  prefix's), which each row's running softmax starts from, so the part returns the exact merge
-  of the two with no merge pass after it. A part with a prior runs unsplit.
   Returns a list of (o [B_j, K, G_j, E] in out_dtype (default q's), lse [B_j, K, G_j]
   float32), one per part; with merge_splits=False each part's unmerged split partials instead
   (o [B_j, K, P_j, G_j, E] float32, lse [B_j, K, P_j, G_j]), for a caller that merges them with
@@ -587,19 +548,9 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
       raise ValueError(f"q_pos must be an int [B={B}] array, got "
                        f"{getattr(q_pos, 'shape', None)}")
   for name, val in (("block_tokens", block_tokens), ("row_tiles", row_tiles),
-                    ("num_splits", num_splits), ("priors", priors)):
+                    ("num_splits", num_splits)):
     if val is not None and len(val) != len(parts):
-      raise ValueError(f"{name} needs one entry per part ({len(parts)}), got {len(val)}")
-  priors = tuple(priors) if priors is not None else (None,) * len(parts)
-  for j, (prior, (q, _, _)) in enumerate(zip(priors, parts)):
-    if prior is None:
-      continue
-    o, lse = prior
-    if getattr(o, "shape", None) != q.shape or getattr(lse, "shape", None) != q.shape[:3]:
-      raise ValueError(f"part {j}'s prior must be (o {q.shape}, lse {q.shape[:3]}), got "
-                       f"({getattr(o, 'shape', None)}, {getattr(lse, 'shape', None)})")
-    if num_splits is not None and num_splits[j] != 1:
-      raise ValueError(f"part {j} has a prior and runs unsplit; got num_splits {num_splits[j]}")
+      raise ValueError(f"{name} needs one entry per part ({len(parts)}), got {val!r}")
   item = k_pages.dtype.itemsize
   tiles = [_tile(block_tokens[j], "block_tokens must be a power of two") if block_tokens is not None
            else default_block_tokens(d[3], item, q.shape[2])
@@ -607,12 +558,11 @@ def paged_decode_attention_parts(parts, k_pages, v_pages, *, sm_scale: float | N
   iters = [-(-d[4] * d[2] // bs) for d, bs in zip(dims, tiles)]  # tiles of a full table
   if num_splits is None:
     fill = len(parts) > 1 and sum(d[0] for d in dims) * dims[0][1] >= TARGET_PROGRAMS
-    num_splits = [1 if fill or prior is not None else _default_splits(d[0], d[1], n)
-                  for d, n, prior in zip(dims, iters, priors)]
+    num_splits = [1 if fill else _default_splits(d[0], d[1], n) for d, n in zip(dims, iters)]
   splits = tuple(max(1, min(int(p), n)) for p, n in zip(num_splits, iters))
   E = dims[0][3]
   return list(_paged(tuple(p[0] for p in parts), k_pages, v_pages, tuple(p[1] for p in parts),
-                     tuple(p[2] for p in parts), priors, block_tokens=tuple(tiles),
+                     tuple(p[2] for p in parts), block_tokens=tuple(tiles),
                      row_tiles=tuple(_tile(r, "row_tiles must be powers of two")
                                      for r in row_tiles or [MIN_ROWS] * len(parts)),
                      num_splits=splits,

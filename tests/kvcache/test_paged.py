@@ -79,16 +79,12 @@ def _float64_paged_attention(q, k_pages, v_pages, tables, positions):
   return out, lse
 
 
-@pytest.mark.parametrize("t,kernel,impl", [(1, False, "one_launch"), (1, True, "one_launch"),
-                                           (1, True, "pallas"), (1, True, "cudnn"),
-                                           (5, False, "one_launch")])
-def test_shared_prefix_attention_equals_attention_over_each_whole_table(t, kernel, impl):
+@pytest.mark.parametrize("t,kernel", [(1, False), (1, True), (5, False)])
+def test_shared_prefix_attention_equals_attention_over_each_whole_table(t, kernel):
   """Two groups with page-aligned prefixes of different lengths, a row in no group, padding
-  rows and groups (buckets); decode (jnp and the Pallas paged kernel: both parts in one
-  launch, or the prefix part first and the own part starting from it; "cudnn" is "pallas"
-  without a GPU) and suffix prefill."""
+  rows and groups (buckets); decode (jnp and the Pallas paged kernel) and suffix prefill."""
   from kvcache.paged import prefix_groups, shared_paged_attention
-  seed = 31 + t + kernel + 2 * (impl != "one_launch")
+  seed = 31 + t + kernel
   print(f"seed={seed}")
   rng = np.random.default_rng(seed)
   kh, g, e, s, p = 2, 3, 16, 16, 40
@@ -107,15 +103,14 @@ def test_shared_prefix_attention_equals_attention_over_each_whole_table(t, kerne
   q = rng.standard_normal((b, t, kh, g, e)).astype(np.float32)
   out, lse = shared_paged_attention(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages),
                                     jnp.asarray(tables), jnp.asarray(positions), groups,
-                                    kernel=kernel, prefix_impl=impl)
+                                    kernel=kernel)
   want_out, want_lse = _float64_paged_attention(q[:6], k_pages, v_pages, tables, positions)
   np.testing.assert_allclose(np.asarray(out)[:6], want_out, atol=2e-5)
   np.testing.assert_allclose(np.asarray(lse)[:6], want_lse, atol=2e-5)
 
 
-@pytest.mark.parametrize("prefix_splits,impl", [(None, "one_launch"), (1, "one_launch"),
-                                                (3, "one_launch"), (3, "pallas")])
-def test_shared_prefix_kernel_with_every_row_grouped(prefix_splits, impl):
+@pytest.mark.parametrize("prefix_splits", [None, 1, 3])
+def test_shared_prefix_kernel_with_every_row_grouped(prefix_splits):
   """Every row in a group, one member's query inside its first own page, another's pages past
   the prefix many; prefixes of 17 and 9 pages (3 and 2 of the kernel's 128-token tiles), cut
   into prefix splits (default: 2; 3: one split of the shorter prefix empty), merged with the
@@ -139,8 +134,7 @@ def test_shared_prefix_kernel_with_every_row_grouped(prefix_splits, impl):
   q = rng.standard_normal((4, 1, kh, g, e)).astype(np.float32)
   out, lse = shared_paged_attention(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages),
                                     jnp.asarray(tables), jnp.asarray(positions), groups,
-                                    kernel=True, prefix_splits=prefix_splits,
-                                    prefix_impl=impl)
+                                    kernel=True, prefix_splits=prefix_splits)
   want_out, want_lse = _float64_paged_attention(q, k_pages, v_pages, tables, positions)
   np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5)
   np.testing.assert_allclose(np.asarray(lse), want_lse, atol=2e-5)

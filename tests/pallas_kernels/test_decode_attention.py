@@ -12,7 +12,7 @@ from pallas_kernels import (
     pick_block_size,
     supports,
 )
-from pallas_kernels.merge import merge_attention_reference, merge_partials
+from pallas_kernels.merge import merge_partials
 
 
 def _inputs(rng, B, K, G, N, E, dtype, with_mask, nan_empty=False):
@@ -246,65 +246,6 @@ def test_paged_decode_parts_in_one_launch_equal_each_alone(seed, compiled):
     paged_decode_attention_parts([a, b], kp, vp, row_tiles=[8, 16])
   with pytest.raises(ValueError, match="at least one part"):
     paged_decode_attention_parts([], kp, vp)
-
-
-def test_paged_decode_prior_equals_merge_with_it(seed, compiled):
-  """A part that starts from a prior partial attention (one over other pages; a row with an
-  empty prior, one whose own tokens are few) equals the log-sum-exp merge of the two, and a
-  prior of the wrong shape or with splits is refused."""
-  rng = np.random.default_rng(seed)
-  K, S, E, P, B, G = 2, 16, 16, 24, 4, 5
-  kp, vp = (rng.standard_normal((K, P, S, E)).astype(np.float32) for _ in range(2))
-  pages = rng.permutation(P)[:4 * B].reshape(B, 4).astype(np.int32)
-  q = rng.standard_normal((B, K, G, E)).astype(np.float32)
-  mine, other = pages[:, :2], pages[:, 2:]
-  q_pos = np.array([31, 0, 17, 25], np.int32)
-  po, plse = compiled(lambda *x: paged_decode_attention(*x, num_splits=1), q, kp, vp, other,
-                      np.full(B, 31, np.int32))
-  plse = plse.at[2].set(-jnp.inf)  # row 2 starts from nothing
-  own = compiled(lambda *x: paged_decode_attention(*x, num_splits=1), q, kp, vp, mine, q_pos)
-  want_o, want_lse = merge_attention_reference(po, plse, *own)
-  (o, lse), = compiled(lambda q, t, qp, po, pl_: paged_decode_attention_parts(
-      [(q, t, qp)], kp, vp, priors=[(po, pl_)]), q, mine, q_pos, po, plse)
-  np.testing.assert_allclose(np.asarray(o), np.asarray(want_o), atol=2e-5)
-  np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-5)
-  with pytest.raises(ValueError, match="prior must be"):
-    paged_decode_attention_parts([(q, mine, q_pos)], kp, vp, priors=[(po[:, :, :2], plse)])
-  with pytest.raises(ValueError, match="runs unsplit"):
-    paged_decode_attention_parts([(q, mine, q_pos)], kp, vp, priors=[(po, plse)],
-                                 num_splits=[2])
-
-
-@pytest.mark.gpu
-def test_cudnn_prefix_attention_gpu(seed):
-  """cuDNN's paged attention of a group's rows over its prefix pages (bf16, shuffled pages, a
-  padding group of no tokens) against the float64 loop, output and log-sum-exp."""
-  from pallas_kernels import cudnn_paged
-  if not cudnn_paged.available():
-    pytest.skip("no cuDNN")
-  rng = np.random.default_rng(seed)
-  R, K, M, E, S, P, W = 4, 2, 48, 64, 16, 64, 6
-  kp, vp = (jnp.asarray(rng.standard_normal((K, P, S, E)), jnp.bfloat16) for _ in range(2))
-  rows = jnp.asarray(rng.standard_normal((R, K, M, E)), jnp.bfloat16)
-  tables = rng.permutation(P)[:R * W].reshape(R, W).astype(np.int32)
-  lengths = np.array([W * S, 2 * S, 0, 5 * S], np.int32)
-  o, lse = cudnn_paged.cudnn_prefix_attention(rows, kp, vp, jnp.asarray(tables),
-                                              jnp.asarray(lengths))
-  kf, vf, qf = (np.asarray(x.astype(jnp.float32), np.float64) for x in (kp, vp, rows))
-  for r in range(R):
-    n = lengths[r]
-    if n == 0:
-      assert np.all(np.isneginf(np.asarray(lse[r]))) and not np.any(np.asarray(o[r], np.float32))
-      continue
-    k = kf[:, tables[r]].reshape(K, -1, E)[:, :n]
-    v = vf[:, tables[r]].reshape(K, -1, E)[:, :n]
-    s = np.einsum("kme,kne->kmn", qf[r], k) / np.sqrt(E)
-    m = s.max(-1, keepdims=True)
-    w = np.exp(s - m)
-    np.testing.assert_allclose(np.asarray(o[r], np.float32),
-                               np.einsum("kmn,kne->kme", w / w.sum(-1, keepdims=True), v),
-                               atol=2e-2)
-    np.testing.assert_allclose(np.asarray(lse[r]), m[..., 0] + np.log(w.sum(-1)), atol=2e-2)
 
 
 def test_paged_decode_bad_input():
