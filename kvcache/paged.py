@@ -26,6 +26,7 @@ from flax import nnx
 from kvcache.attention import cache_attention
 from kvcache.cache import HeadGroup, LayerCache
 from kvcache.decode import compute_weights
+from kvcache.host import to_device
 from kvcache.pool import PagedKV, PagePool, apply_copies, init_paged_kv
 from kvcache.radix import RadixTree
 from kvcache.sampling import SamplingConfig, sample
@@ -381,7 +382,8 @@ def generate_shared(model: nnx.Module, prompts: Sequence[Sequence[int]], *,
   pos = np.full(bb, -1, np.int32)
   pos[:b] = [len(p) for p in prompts]
   for _ in range(max_new_tokens - 1):
-    logits, kv = paged_decode_step(graphdef, params, kv, jnp.asarray(tok), jnp.asarray(pos),
+    # tok and pos are rewritten below (safe today only because nxt is read first): private copies.
+    logits, kv = paged_decode_step(graphdef, params, kv, to_device(tok), to_device(pos),
                                    jnp.asarray(tables), prefix, decode_attn)
     key, sub = jax.random.split(key)
     nxt = np.asarray(sample(logits, sub, sampling))

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from kvcache.decode import compute_weights
+from kvcache.host import to_device
 from kvcache.paged import bucket, paged_decode_step, paged_prefill
 from kvcache.pool import OutOfPages, PagePool, apply_copies, init_paged_kv
 from kvcache.sampling import SamplingConfig, sample
@@ -45,18 +46,6 @@ from kvcache.sampling import SamplingConfig, sample
 def _sample(logits, key, cfg: SamplingConfig):
   key, sub = jax.random.split(key)
   return sample(logits, sub, cfg), key
-
-
-def _to_device(x: np.ndarray) -> jax.Array:
-  """A device array of x's value now, for a host buffer that is written again afterwards.
-
-  jnp.asarray and jnp.array alike (jnp.array(ndarray) does not copy on the host) hand the NumPy
-  buffer itself to the transfer, which on CPU may read it after the call returned, while an
-  asynchronously dispatched step still runs: a later in-place write then reaches the device
-  (seen: `live` cleared for rows that had just ended their step, so _keep dropped their new
-  logits and the next step sampled its first token from the stale ones). The transfer gets a
-  private copy that nobody writes."""
-  return jnp.asarray(np.array(x, copy=True))
 
 
 @jax.jit
@@ -333,8 +322,8 @@ class SearchTree:
     toks = np.zeros((b, steps), np.int64)
     n = np.zeros(b, np.int64)
     # tables and live change in place between tokens: they go to the device through
-    # _to_device (a private host copy), since the transfer may read the buffer after the call
-    # returned (jnp.array copies no more than jnp.asarray does).
+    # kvcache.host.to_device (a private host copy), since the transfer may read the buffer after
+    # the call returned (jnp.array copies no more than jnp.asarray does).
     for t in range(steps):
       tok, self.key = _sample(logits, self.key, self.sampling)
       pos = start + t
@@ -352,12 +341,12 @@ class SearchTree:
       out, self.kv = paged_decode_step(self.graphdef, self.params, self.kv,
                                        jnp.asarray(np.where(live, tok, 0).astype(np.int32)),
                                        jnp.asarray(np.where(live, pos, -1).astype(np.int32)),
-                                       _to_device(tables), None, self.decode_attn)
+                                       to_device(tables), None, self.decode_attn)
       self.model_calls += 1
       rows = np.flatnonzero(live[:b])
       toks[rows, t] = tok[rows]
       n[rows] += 1
-      logits = _keep(_to_device(live), out, logits)
+      logits = _keep(to_device(live), out, logits)
       live[rows] &= ~np.isin(tok[rows], self._ends)
       if not live.any():
         break

@@ -250,3 +250,63 @@ def press_inputs():
 def kept_positions():
   """kept_positions(cache, layer, b, h) -> set of positions held."""
   return _kept_positions
+
+
+# Host buffers handed to the device (kvcache.host.to_device) ------------------------------------
+
+class _RecordingJnp:
+  """A module's jnp whose asarray / array record the NumPy buffers they are handed."""
+
+  def __init__(self, jnp_module, record):
+    self._jnp, self._record = jnp_module, record
+
+  def __getattr__(self, name):
+    return getattr(self._jnp, name)
+
+  def asarray(self, x, *args, **kw):
+    self._record(x)
+    return self._jnp.asarray(x, *args, **kw)
+
+  def array(self, x, *args, **kw):
+    self._record(x)
+    return self._jnp.array(x, *args, **kw)
+
+
+class HostTransfers:
+  """Records every NumPy buffer handed to the device through watched modules, with its value
+  then: their `jnp.asarray` / `jnp.array` (watch_jnp), and NumPy arrays passed straight to their
+  jitted functions (watch_calls; a jit call transfers its NumPy arguments too). On CPU the
+  transfer may read the buffer after the call returned, while the dispatched step still runs, so
+  a buffer written afterwards may reach the device changed (kvcache.host.to_device)."""
+
+  def __init__(self, monkeypatch):
+    self._patch, self.handed = monkeypatch, []
+
+  def record(self, x):
+    if isinstance(x, np.ndarray):
+      self.handed.append((x, x.copy()))
+
+  def watch_jnp(self, *modules):
+    for m in modules:
+      self._patch.setattr(m, "jnp", _RecordingJnp(m.jnp, self.record))
+
+  def watch_calls(self, module, *names):
+    for name in names:
+      fn = getattr(module, name)
+
+      def call(*args, fn=fn, **kw):
+        for x in jax.tree_util.tree_leaves((args, kw)):
+          self.record(x)
+        return fn(*args, **kw)
+
+      self._patch.setattr(module, name, call)
+
+  def written(self) -> list[int]:
+    """Indices of the handed buffers whose value changed after they were handed over."""
+    return [i for i, (x, then) in enumerate(self.handed) if not np.array_equal(x, then)]
+
+
+@pytest.fixture
+def host_transfers(monkeypatch):
+  """A HostTransfers recorder (its patches undone after the test)."""
+  return HostTransfers(monkeypatch)

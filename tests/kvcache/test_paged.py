@@ -145,3 +145,22 @@ def test_prefix_groups_reject_shared_rows():
   with pytest.raises(ValueError, match="distinct rows"):
     prefix_groups([([0, 1], [3]), ([1, 2], [4])], 4, 16)
   assert prefix_groups([([0], [3]), ([1, 2], [])], 4, 16) is None
+
+
+def test_host_buffers_handed_to_the_device_are_never_written_afterwards(model, host_transfers):
+  # generate_shared's decode loop rewrites tok and pos in place every step: they reach the
+  # device through kvcache.host.to_device, so no buffer it hands over (through jnp or as a
+  # jitted call's NumPy argument) changes after the transfer, which on CPU may read it late.
+  import kvcache.host
+  import kvcache.paged
+  seed = 12
+  print(f"seed={seed}")
+  rec = host_transfers
+  rec.watch_jnp(kvcache.paged, kvcache.host)
+  rec.watch_calls(kvcache.paged, "paged_decode_step", "paged_prefill")
+  prompts = _prompts(seed, 2)
+  got, _ = generate_shared(model, prompts, max_new_tokens=4, page_size=4)
+  assert all(len(row) == 4 for row in got)  # three decode steps, tok and pos rewritten after each
+  assert len(rec.handed) > 10
+  written = rec.written()
+  assert not written, f"{len(written)} of {len(rec.handed)} host buffers written after transfer"

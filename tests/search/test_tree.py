@@ -151,39 +151,21 @@ def test_logits_stay_exact_under_prunes_and_several_roots(model, full_forward):
   assert tree.pool.pages_in_use == 0
 
 
-class _RecordingJnp:
-  """search.tree's jnp, recording every NumPy buffer handed to the device with its value then."""
-
-  def __init__(self, jnp):
-    self._jnp, self.handed = jnp, []
-
-  def __getattr__(self, name):
-    return getattr(self._jnp, name)
-
-  def _record(self, fn, x, *args, **kw):
-    if isinstance(x, np.ndarray):
-      self.handed.append((x, x.copy()))
-    return fn(x, *args, **kw)
-
-  def asarray(self, x, *args, **kw):
-    return self._record(self._jnp.asarray, x, *args, **kw)
-
-  def array(self, x, *args, **kw):
-    return self._record(self._jnp.array, x, *args, **kw)
-
-
-def test_host_buffers_handed_to_the_device_are_never_written_afterwards(model, monkeypatch):
+def test_host_buffers_handed_to_the_device_are_never_written_afterwards(model, host_transfers):
   # On CPU the transfer may read a NumPy buffer after jnp.asarray / jnp.array returned (both
   # hand over the buffer itself), while the step it feeds is still dispatched: a later in-place
   # write (`live` cleared for rows that ended their step) reached the device at random, so those
   # rows kept stale logits and their children began from a wrong first token (whole bench cells
-  # at accuracy 0). Every buffer the tree hands over must keep the value it had then.
+  # at accuracy 0). Every buffer the tree hands over (kvcache.host.to_device's private copies,
+  # NumPy arguments of its jitted calls included) must keep the value it had then.
+  import kvcache.host
   import search.tree
   seed = 107
   print(f"seed={seed}")
   rng = np.random.default_rng(seed)
-  rec = _RecordingJnp(search.tree.jnp)
-  monkeypatch.setattr(search.tree, "jnp", rec)
+  rec = host_transfers
+  rec.watch_jnp(search.tree, kvcache.host)
+  rec.watch_calls(search.tree, "paged_decode_step", "paged_prefill", "_keep", "_sample")
   tree = _tree(model, seed)  # 21-token prompts, 8-token pages: steps cross a page boundary
   roots = [tree.root, tree.add_root(rng.integers(3, 50, 17).tolist())]
   front = tree.expand({r: 4 for r in roots})
@@ -195,6 +177,6 @@ def test_host_buffers_handed_to_the_device_are_never_written_afterwards(model, m
   ends = [len(tree.nodes[n].tokens) for n in tree.nodes if tree.nodes[n].parent is not None]
   assert min(ends) < max(ends)  # some rows stopped before others (live was written)
   assert len(rec.handed) > 10
-  written = [i for i, (x, then) in enumerate(rec.handed) if not np.array_equal(x, then)]
+  written = rec.written()
   assert not written, f"{len(written)} of {len(rec.handed)} host buffers written after transfer"
   tree.close()
