@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -56,12 +57,13 @@ def greedy_accuracy(policy, tok, problems, stop: int, max_new: int) -> float:
 
 def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, seed: int,
                 max_step_tokens: int, max_depth: int, temperature: float, page_size: int,
-                kv_budget: int | None = None) -> dict:
+                kv_budget: int | None = None, workers: int | None = None) -> dict:
   """One width x method over the problems: accuracies, KV, calls, speed.
 
   kv_budget None: each problem searched alone on its own tree (a pool it cannot fill).
   Otherwise: all problems through one pool of kv_budget x width tokens, searched side by side
-  (search.methods.run_searches: admitted by free pages, sharing the policy's calls).
+  (search.methods.run_searches: admitted by free pages, sharing the policy's calls; ETS's
+  selections of a round in `workers` processes, default search.methods.default_workers()).
   """
   from experiments import reasoning
   from kvcache.sampling import SamplingConfig
@@ -76,6 +78,11 @@ def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, see
   tree_kw = dict(step_token=step, stop_tokens=[stop], page_size=page_size,
                  max_step_tokens=max_step_tokens, max_depth=max_depth,
                  sampling=SamplingConfig(temperature=temperature))
+  if kv_budget is not None and cfg.method == "ets" and len(problems) > 1:
+    from search.methods import default_workers, selection_workers
+    w = default_workers() if workers is None else workers
+    if w > 1:
+      selection_workers(w)  # started before the clock, as a server's would be
   c0 = compile_seconds()
   t0 = time.perf_counter()
   batch = None
@@ -90,7 +97,8 @@ def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, see
     tree = SearchTree(policy, None, num_pages=-(-kv_budget * cfg.width // page_size), seed=seed,
                       **tree_kw)
     results, batch = run_searches(tree, scorer, cfg, [(q, answer_of(p, len(q)))
-                                                      for p, q in zip(problems, prompts)])
+                                                      for p, q in zip(problems, prompts)],
+                                  workers=workers)
   wall = time.perf_counter() - t0
   rows = []
   for p, prompt, res in zip(problems, prompts, results):
@@ -107,7 +115,8 @@ def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, see
                  "pass": float(any(ok for v in correct.values() for _, ok in v)),
                  "solutions": len(res.solutions), "model_calls": res.model_calls,
                  "prm_calls": res.prm_calls, "tokens": res.tokens_generated, **res.kv})
-  ilp = sum(r.ilp_s for r in results)
+  # The driver's wall time in ETS's selections (side by side: a round's run in parallel).
+  ilp = sum(r.ilp_s for r in results) if batch is None else batch.ilp_s
   # Shapes first seen in this cell compile inside it (tree sizes differ between methods): the
   # rate leaves that time out and the file keeps both.
   compile_s = compile_seconds() - c0
@@ -129,7 +138,8 @@ def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, see
                prm_calls=batch.prm_calls / len(problems), rounds=batch.rounds,
                mean_active=batch.mean_active, peak_active=batch.peak_active,
                retracted=batch.retracted, pool_pages=tree.pool.num_pages,
-               pool_peak_pages=batch.peak_pages)
+               pool_peak_pages=batch.peak_pages, ilp_cpu_s=batch.ilp_cpu_s,
+               workers=batch.workers)
   return out
 
 
@@ -190,6 +200,9 @@ def main(argv=None) -> dict:
                   help="search all problems side by side in one pool of this many tokens per "
                        "unit of width (a serving system's fixed KV memory); default: each "
                        "problem alone")
+  ap.add_argument("--workers", type=int, default=None,
+                  help="with --kv-budget: processes for ETS's per-search selections of a round "
+                       "(default: one per spare core, at most 8; 1: in the driver)")
   ap.add_argument("--seed", type=int, default=12345)
   ap.add_argument("--out", default=None)
   ap.add_argument("--name", default="search")
@@ -199,6 +212,8 @@ def main(argv=None) -> dict:
   widths = args.widths or ([4, 8] if args.quick else [16, 64, 256])
   for m in args.methods:
     SearchConfig(m, width=max(widths), children=min(args.children, min(widths)))
+  if args.workers is not None and args.workers < 1:
+    raise SystemExit(f"--workers must be >= 1, got {args.workers}")
   if args.kv_budget is not None and args.kv_budget < 1:
     raise SystemExit(f"--kv-budget must be >= 1 token per unit of width, got {args.kv_budget}")
   for x in args.lambda_b + args.lambda_s + [args.ets_lambda_b]:
@@ -231,12 +246,12 @@ def main(argv=None) -> dict:
          "temperature": args.temperature, "max_depth": args.max_depth,
          "ilp_solver": solver_name(), "page_size": args.page_size,
          "kv_budget": args.kv_budget, "ets_lambda_b": args.ets_lambda_b,
-         "ilp_share_counts": "clustering",
+         "ilp_share_counts": "clustering", "cpu_count": os.cpu_count(),
          "greedy_accuracy": greedy_accuracy(policy, tok, problems, stop, max_new), "rows": []}
   out_dir = Path(args.out) if args.out else RESULTS_DIR
   kw = dict(stop=stop, step=step, seed=args.seed, max_step_tokens=args.max_step_tokens,
             max_depth=args.max_depth, temperature=args.temperature, page_size=args.page_size,
-            kv_budget=args.kv_budget)
+            kv_budget=args.kv_budget, workers=args.workers)
   from tqdm import tqdm
   cells = [(w, m, None) for w in widths for m in args.methods]
   cells += [(w, "ets", ("lambda_b", x)) for w in widths for x in args.lambda_b]

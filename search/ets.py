@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from search.cluster import cluster
 from search.rebase import allocate
 
 # lambda_s of the paper's MATH500 runs by width (SqueezeAILab/ETS hype-parameters/).
@@ -390,6 +391,27 @@ def ets_allocate(scores: Sequence[float] | np.ndarray, problem: SelectionProblem
   for i, k in zip(sel.kept, allocate(s[list(sel.kept)], width, cfg.temperature)):
     counts[i] = k
   return counts
+
+
+def select_step(scores: np.ndarray, embeddings: np.ndarray, problem: SelectionProblem,
+                width: int, cfg: ETSConfig) -> tuple[list[int], float]:
+  """One search step's whole selection: the candidates' step embeddings [M, D] clustered
+  (search.cluster, cfg.cluster_distance) into the problem's labels, then ets_allocate. Returns
+  (counts [M], seconds it took). NumPy only, picklable: run_searches hands the steps of many
+  searches to worker processes."""
+  start = time.perf_counter()
+  labels = cluster(np.asarray(embeddings), cfg.cluster_distance)
+  counts = ets_allocate(scores, dataclasses.replace(problem, labels=np.asarray(labels)), width,
+                        cfg)
+  return counts, time.perf_counter() - start
+
+
+def warm_up() -> str:
+  """Solves a small random step (24 candidates, so not by enumeration) with the backend
+  `solve` picks, so that its imports and setup are done; returns solver_name()."""
+  problem = _random_problem(24, (3, 6), 0)
+  select_step(np.linspace(0.1, 0.9, 24), np.eye(24) + 0.1, problem, 24, ETSConfig())
+  return solver_name()
 
 
 def _random_problem(m: int, levels: Sequence[int], seed: int,

@@ -30,8 +30,13 @@ more problems side by side (ETS's throughput claim).
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import dataclasses
+import functools
 import math
+import multiprocessing
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -39,8 +44,7 @@ from typing import Protocol
 
 import numpy as np
 
-from search.cluster import cluster
-from search.ets import ETSConfig, SelectionProblem, ets_allocate
+from search.ets import ETSConfig, SelectionProblem, select_step, warm_up
 from search.rebase import allocate
 from search.tree import SearchTree
 
@@ -168,9 +172,10 @@ class _Search:
     self.pending, self.leaves = None, kids
     self.depth += 1
 
-  def decide(self, scores: np.ndarray, embs: np.ndarray | None) -> None:
-    """The leaves' PRM scores [L] (and step embeddings [L, D] for ETS) -> `pending`, or the
-    search ends (`pending` None and no leaves)."""
+  def settle(self, scores: np.ndarray) -> tuple[list[int], list[int], np.ndarray] | None:
+    """Records the finished leaves (their pages released) and returns the live ones (node ids,
+    rows in `scores`, their scores), or None when the search has ended. Then `counts` (or
+    ETS's `selection`) and `assign` turn the scores into the next step's children."""
     tree, cfg = self.tree, self.cfg
     self.prm_calls += 1
     live, live_rows, live_scores = [], [], []
@@ -184,43 +189,58 @@ class _Search:
         live_rows.append(i)
         live_scores.append(s)
     self.leaves = []
-    left = cfg.width - len(self.solutions)
-    if not live or left <= 0:
+    if not live or cfg.width - len(self.solutions) <= 0:
       for x in live:
         tree.release(x)
-      return
-    s = np.asarray(live_scores, np.float64)
+      return None
+    return live, live_rows, np.asarray(live_scores, np.float64)
+
+  def selection(self, live, embs: np.ndarray | None):
+    """ETS: the arguments of search.ets.select_step for this step as a call (run it, or hand
+    `.args` to a worker process); None for the other methods."""
+    if self.cfg.method != "ets":
+      return None
+    nodes, rows, s = live
+    # lambda_s by the search's width (the paper's presets), not by the width left.
+    ets = dataclasses.replace(self.cfg.ets, temperature=self.cfg.temperature,
+                              lambda_s=self.cfg.ets.lambda_s_at(self.cfg.width))
+    problem = _problem(self.tree, nodes, [0] * len(nodes))  # labels: select_step clusters
+    return functools.partial(select_step, s, np.asarray(embs)[rows], problem,
+                             self.cfg.width - len(self.solutions), ets)
+
+  def counts(self, live) -> list[int]:
+    """Children per live leaf for the methods without a program (not ETS)."""
+    cfg = self.cfg
+    nodes, _, s = live
+    left = cfg.width - len(self.solutions)
     if cfg.method == "best_of_n":
-      counts = [1] * len(live)
-    elif cfg.method == "beam":
-      keep = min(len(live), max(1, left // cfg.children))
+      return [1] * len(nodes)
+    if cfg.method == "beam":
+      keep = min(len(nodes), max(1, left // cfg.children))
       top = set(np.argsort(-s, kind="stable")[:keep].tolist())
-      counts = [cfg.children if i in top else 0 for i in range(len(live))]
-    elif cfg.method == "dvts":
+      return [cfg.children if i in top else 0 for i in range(len(nodes))]
+    if cfg.method == "dvts":
       best: dict[int, int] = {}
-      for i, x in enumerate(live):
+      for i, x in enumerate(nodes):
         g = self.subtree[x]
         if g not in best or s[i] > s[best[g]]:
           best[g] = i
-      counts = [cfg.children if best.get(self.subtree[x]) == i else 0 for i, x in enumerate(live)]
-    elif cfg.method == "rebase":
-      counts = allocate(s, left, cfg.temperature)
-    else:  # ets
-      t1 = time.perf_counter()
-      labels = cluster(np.asarray(embs)[live_rows], cfg.ets.cluster_distance)
-      # lambda_s by the search's width (the paper's presets), not by the width left.
-      ets = dataclasses.replace(cfg.ets, temperature=cfg.temperature,
-                                lambda_s=cfg.ets.lambda_s_at(cfg.width))
-      counts = ets_allocate(s, _problem(tree, live, labels), left, ets)
-      self.ilp_s += time.perf_counter() - t1
+      return [cfg.children if best.get(self.subtree[x]) == i else 0 for i, x in enumerate(nodes)]
+    return allocate(s, left, cfg.temperature)  # rebase
+
+  def assign(self, live, counts: Sequence[int], seconds: float = 0.0) -> None:
+    """The step's children per live leaf -> `pending` (seconds: ETS's selection time)."""
+    nodes, _, s = live
+    self.ilp_s += seconds
     counts = list(counts)
+    left = self.cfg.width - len(self.solutions)
     # No method finishes more than `width` solutions: trim the lowest-scored leaves' children.
     for i in np.argsort(s, kind="stable"):
       extra = sum(counts) - left
       if extra <= 0:
         break
       counts[i] -= min(counts[i], extra)
-    self.pending = dict(zip(live, counts))
+    self.pending = dict(zip(nodes, counts))
 
   @property
   def finished(self) -> bool:
@@ -235,21 +255,71 @@ class _Search:
                         self.ilp_s, self.depth)
 
 
-def _score(scorer: Scorer, searches: list[_Search]) -> None:
-  """One PRM pass over the fresh leaves of every search (with step embeddings for ETS)."""
+def _score(scorer: Scorer, searches: list[_Search], executor=None) -> float:
+  """One PRM pass over the fresh leaves of every search (with step embeddings for ETS), then
+  each search's next children. ETS's selections (clustering and program, one per search) run
+  in `executor` (a concurrent.futures executor) when given and more than one search selects.
+  Returns the wall seconds spent selecting."""
   tree = searches[0].tree
   leaves = [x for s in searches for x in s.leaves]
   paths = [tree.path(x) for x in leaves]
   if any(s.cfg.method == "ets" for s in searches):  # embeddings from the same pass
     scores, embs = _score_embed(scorer, paths, [len(tree.nodes[x].tokens) for x in leaves])
+    embs = np.asarray(embs)
   else:
     scores, embs = scorer.score(paths), None
   scores = np.asarray(scores, np.float64)
-  i = 0
+  steps, i = [], 0
   for s in searches:
     j = i + len(s.leaves)
-    s.decide(scores[i:j], None if embs is None else np.asarray(embs)[i:j])
+    live = s.settle(scores[i:j])
+    if live is not None:
+      steps.append((s, live, s.selection(live, None if embs is None else embs[i:j])))
     i = j
+  t0 = time.perf_counter()
+  jobs = [job for _, _, job in steps if job is not None]
+  if executor is not None and len(jobs) > 1:
+    futures = [executor.submit(job.func, *job.args) for job in jobs]
+    chosen = iter([f.result() for f in futures])
+  else:
+    chosen = iter([job() for job in jobs])
+  wall = time.perf_counter() - t0 if jobs else 0.0
+  for s, live, job in steps:
+    if job is None:
+      s.assign(live, s.counts(live))
+    else:
+      s.assign(live, *next(chosen))
+  return wall
+
+
+_EXECUTORS: dict[int, concurrent.futures.ProcessPoolExecutor] = {}
+
+
+def selection_workers(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+  """The process pool that runs ETS's selections (spawned once per size and kept for later
+  runs, its workers' imports and solver set up before it is returned)."""
+  if workers not in _EXECUTORS:
+    ex = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"))
+    # Every worker solves one tiny program: imports and the solver's setup happen now.
+    futures = [ex.submit(warm_up) for _ in range(workers)]
+    for f in futures:
+      f.result()
+    _EXECUTORS[workers] = ex
+  return _EXECUTORS[workers]
+
+
+@atexit.register
+def _shutdown_workers() -> None:
+  for ex in _EXECUTORS.values():
+    ex.shutdown(cancel_futures=True)
+  _EXECUTORS.clear()
+
+
+def default_workers() -> int:
+  """Worker processes for ETS's per-search selections in run_searches: one per spare CPU core,
+  at most 8 (1: no pool, the selections run in the driver)."""
+  return max(1, min(8, (os.cpu_count() or 1) - 1))
 
 
 @dataclasses.dataclass
@@ -259,7 +329,9 @@ class BatchStats:
   rounds: expansions run (each one batched generation for every search that expanded);
   model_calls, prm_calls: the policy's and the PRM's batched calls; mean_active, peak_active:
   searches holding pages per round; retracted: searches restarted when the pool ran short;
-  peak_pages: the pool's high-water mark; wall_s, ilp_s: time (ETS's selection summed)."""
+  peak_pages: the pool's high-water mark; wall_s: the run's wall time; ilp_s: the wall time the
+  driver spent on ETS's selections (in parallel where a pool of workers ran them); ilp_cpu_s:
+  those selections' own times summed."""
 
   rounds: int
   model_calls: int
@@ -270,11 +342,14 @@ class BatchStats:
   peak_pages: int
   wall_s: float
   ilp_s: float
+  ilp_cpu_s: float = 0.0
+  workers: int = 1
 
 
 def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
                  jobs: Sequence[tuple[Sequence[int], Callable[[list[int]], str | None]]],
-                 max_active: int | None = None) -> tuple[list[SearchResult], BatchStats]:
+                 max_active: int | None = None, workers: int | None = None
+                 ) -> tuple[list[SearchResult], BatchStats]:
   """Searches many problems side by side in one page pool (tree: a SearchTree without roots
   or with finished ones; jobs: (prompt tokens, answer_of) per problem). Every round, all
   searches waiting for children expand in one batched generation and all fresh leaves are
@@ -288,11 +363,19 @@ def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
   Pages are taken as the steps reach them; when the pool runs dry inside a step, the newest
   search is retracted (its pages freed, its problem queued again from its prompt). So a method
   that holds fewer pages runs more problems at once. Results come back in the jobs' order.
+
+  ETS's selections of one round (clustering and the program, one per search that selects) are
+  independent: with workers > 1 (default: default_workers()) they run in that many worker
+  processes (selection_workers: spawned once, NumPy/SciPy only), so the program's cost does not
+  grow with the number of searches running at once.
   """
   if not jobs:
     raise ValueError("run_searches needs at least one job")
   if max_active is not None and max_active < 1:
     raise ValueError(f"max_active must be >= 1, got {max_active}")
+  workers = default_workers() if workers is None else workers
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
   t0 = time.perf_counter()
   calls0 = tree.model_calls
   ps = tree.pool.page_size
@@ -300,7 +383,7 @@ def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
   active: list[_Search] = []
   results: dict[int, SearchResult] = {}
   counters = {"rounds": 0, "retracted": 0, "prm_calls": 0, "peak_active": 0, "active_sum": 0}
-  ilp = 0.0
+  ilp, ilp_cpu = 0.0, 0.0
   first = cfg.width // cfg.children if cfg.method == "dvts" else cfg.width
 
   def start_need(i: int, step: int) -> int:
@@ -321,6 +404,8 @@ def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
     return victim.root
 
   tree.on_short = retract
+  workers = workers if cfg.method == "ets" and len(jobs) > 1 else 1
+  executor = selection_workers(workers) if workers > 1 else None
   try:
     while queue or active:
       # Admit while the free pages cover the running searches' expected next step and the
@@ -349,18 +434,18 @@ def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
             s.expanded([x for n in s.pending for x in by_parent.get(n, [])])
       fresh = [s for s in active if s.leaves]
       if fresh:
-        _score(scorer, fresh)
+        ilp += _score(scorer, fresh, executor)
         counters["prm_calls"] += 1
       for s in [s for s in active if s.finished]:
         active.remove(s)
-        ilp += s.ilp_s
+        ilp_cpu += s.ilp_s
         results[s.index] = s.result()
   finally:
     tree.on_short = None
   c = counters
   stats = BatchStats(c["rounds"], tree.model_calls - calls0, c["prm_calls"],
                      c["active_sum"] / max(c["rounds"], 1), c["peak_active"], c["retracted"],
-                     tree.pool.peak_pages, time.perf_counter() - t0, ilp)
+                     tree.pool.peak_pages, time.perf_counter() - t0, ilp, ilp_cpu, workers)
   return [results[i] for i in range(len(jobs))], stats
 
 

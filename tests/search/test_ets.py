@@ -241,17 +241,20 @@ def test_cluster_matches_scipy_average_linkage(seed):
   z = hierarchy.linkage(e, method="average", metric="cosine")
   for distance in (0.0, 0.01, 0.05, 0.2, 0.6, 1.1):
     ref = _first_appearance(hierarchy.fcluster(z, distance, criterion="distance"))
-    assert cluster(e, distance) == ref, (n, noise, distance)
+    assert cluster(e, distance, impl="numpy") == ref, (n, noise, distance)
+    assert cluster(e, distance, impl="scipy") == ref, (n, noise, distance)
 
 
-def test_cluster_hand_cases():
-  assert cluster(np.array([[1.0, 0.0]])) == [0]
+@pytest.mark.parametrize("impl", ["numpy", "auto"])
+def test_cluster_hand_cases(impl):
+  assert cluster(impl=impl, embeddings=np.array([[1.0, 0.0]])) == [0]
   # rows 0 and 2 are 5e-5 apart, row 1 is orthogonal; labels by first appearance
-  assert cluster(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.01], [0.0, 2.0]])) == [0, 1, 0, 1]
+  e = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.01], [0.0, 2.0]])
+  assert cluster(impl=impl, embeddings=e) == [0, 1, 0, 1]
   # average, not single, linkage: 0-1 are .03 apart, 1-2 .04, but {0, 1} averages .088 to 2
   t1, t2 = np.arccos(0.97), np.arccos(0.96)
   a = [np.array([np.cos(t), np.sin(t)]) for t in (0.0, t1, t1 + t2)]
-  assert cluster(np.stack(a), 0.05) == [0, 0, 1]
+  assert cluster(impl=impl, embeddings=np.stack(a), distance=0.05) == [0, 0, 1]
 
 
 @pytest.mark.parametrize("e, distance, match", [
@@ -260,10 +263,12 @@ def test_cluster_hand_cases():
     (np.array([[1.0, 0.0], [0.0, 0.0]]), 0.05, r"zero embeddings \(rows \[1\]\)"),
     (np.array([[1.0, np.nan]]), 0.05, "must be finite"),
     (np.ones((2, 2)), -0.1, "distance must be >= 0"),
+    (np.ones((2, 2)), 0.05, "unknown clustering impl 'fast'"),
 ])
 def test_cluster_rejects_bad_inputs(e, distance, match):
+  impl = "fast" if "impl" in match else "auto"
   with pytest.raises(ValueError, match=match):
-    cluster(e, distance)
+    cluster(e, distance, impl)
 
 
 @pytest.mark.parametrize("m,levels,seed", [(64, (8, 16, 32, 48), 0), (64, (8, 16, 32, 48), 1),

@@ -113,6 +113,24 @@ def test_many_searches_share_one_pool_and_its_calls(model, method):
   assert stats.model_calls < alone
 
 
+def test_ets_selections_in_worker_processes_change_nothing(model):
+  # The round's selections in two spawned worker processes: the same children, hence the same
+  # searches, as in the driver; the pool of workers is reported and shut down.
+  seed = 117
+  print(f"seed={seed}")
+  cfg = SearchConfig("ets", width=8)
+  jobs = _jobs(model, seed, 4)
+  runs = [run_searches(_pool(model, seed, 2048), HashScorer(), cfg, jobs, workers=w)
+          for w in (1, 2)]
+  (one, s1), (two, s2) = runs
+  assert (s1.workers, s2.workers) == (1, 2)
+  assert s2.ilp_cpu_s > 0 and s2.ilp_s > 0
+  for a, b in zip(one, two):
+    assert a.solutions == b.solutions and a.kv == b.kv and a.depth == b.depth
+  with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+    run_searches(_pool(model, seed, 2048), HashScorer(), cfg, jobs, workers=0)
+
+
 def test_a_small_pool_runs_searches_a_few_at_a_time(model):
   seed = 114
   print(f"seed={seed}")
