@@ -205,6 +205,12 @@ def longctx_rows(p: dict) -> list[dict]:
            "needle grid": e["needle_grid"]["mean"]} for e in p.get("evals", [])]
 
 
+def _workers(p: dict) -> int:
+  """Worker processes that ran ETS's selections in a side-by-side search file (1: none)."""
+  return max([r.get("workers", 1) for r in p.get("rows", []) if r.get("method") == "ets"],
+             default=1)
+
+
 SPECS: dict[str, TableSpec] = {
     "train": TableSpec(
         columns=(("preset", "preset", _plain), ("chains", "chains", _plain),
@@ -457,6 +463,9 @@ SPECS: dict[str, TableSpec] = {
                         f"{p.get('ilp_solver', 'cvxpy+HiGHS')}; ILP share: ETS's step "
                         f"selection ({p.get('ilp_share_counts', 'step embeddings, clustering')}"
                         f" and the program) over the wall time"
+                        + (f" (side by side: the driver's wall time while a round's "
+                           f"selections ran in {_workers(p)} worker processes)"
+                           if _workers(p) > 1 else "")
                         + (", both with the cell's compile time (compile s) left out."
                            if any("compile_s" in r for r in p.get("rows", [])) else "."))),
     "longctx_train": TableSpec(
