@@ -86,8 +86,8 @@ def _jobs(model, seed, n):
            lambda p: str(p[-2] % 3)) for _ in range(n)]
 
 
-def _pool(model, seed, num_pages, prompt=None):
-  return SearchTree(model, prompt, step_token=1, stop_tokens=[2], page_size=8,
+def _pool(model, seed, num_pages, prompt=None, page_size=8):
+  return SearchTree(model, prompt, step_token=1, stop_tokens=[2], page_size=page_size,
                     num_pages=num_pages, max_step_tokens=4, max_depth=3,
                     sampling=SamplingConfig(temperature=1.0), seed=seed)
 
@@ -148,7 +148,8 @@ def test_a_small_pool_runs_searches_a_few_at_a_time(model):
     run_searches(tree, HashScorer(), cfg, _jobs(model, seed, 2), max_active=0)
 
 
-def test_searches_side_by_side_keep_every_step_exact(model, full_forward):
+@pytest.mark.parametrize("page_size", [8, 1])
+def test_searches_side_by_side_keep_every_step_exact(model, full_forward, page_size):
   # Every node the searches generated (retracted roots' included) holds the logits a dense
   # forward gives after its path: the next step's first token is drawn from the right place.
   # (A host buffer written after its transfer once left rows that ended a step with stale
@@ -156,7 +157,8 @@ def test_searches_side_by_side_keep_every_step_exact(model, full_forward):
   seed = 115
   print(f"seed={seed}")
   jobs = _jobs(model, seed, 6)
-  tree = _pool(model, seed, 40)  # small: searches are retracted and rerun
+  # small (320 tokens): searches are retracted and rerun; page 1 as SGLang's radix cache
+  tree = _pool(model, seed, 320 // page_size, page_size=page_size)
   results, stats = run_searches(tree, HashScorer(), SearchConfig("rebase", width=8), jobs)
   assert stats.retracted >= 1 and all(len(r.solutions) == 8 for r in results)
   for (prompt, _), r in zip(jobs, results):
