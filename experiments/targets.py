@@ -361,9 +361,7 @@ TARGETS: tuple[Target, ...] = (
            lambda p: ", ".join(f"{'static' if m == 'mpcache' else 'static + dynamic'} "
                                f"{100 * b:.0f}%: {d:+.1f}" for m, b, d in _mpcache_points(p)),
            lambda p: any(m == "mpcache-dyn" and d >= -2 for m, _, d in _mpcache_points(p))),
-    *(t for stem, how in (("search_gpu", "each problem alone"),
-                          ("search_budget_gpu", "problems side by side in one pool"))
-      for t in _ets_targets(stem, how)),
+    *_ets_targets("search_gpu", "each problem alone"),
     Target("search at width 64 over the policy's greedy accuracy (weighted vote, points)",
            "≥ +15 points", ("search_gpu",),
            lambda p: ", ".join(f"{m} {_search_gain(p, m):+.1f}" for m in _SEARCH_METHODS
