@@ -47,5 +47,7 @@ def test_bad_settings_are_one_line_errors():
     bench_search.main(["--quick", "--lambda-b", "-1"])
   with pytest.raises(SystemExit, match="kv-budget"):
     bench_search.main(["--quick", "--kv-budget", "0"])
+  with pytest.raises(SystemExit, match="--workers must be >= 1, got 0"):
+    bench_search.main(["--quick", "--workers", "0"])
   with pytest.raises(ValueError, match="unknown search method"):
     bench_search.main(["--quick", "--methods", "mcts"])
