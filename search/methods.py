@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -405,7 +406,14 @@ def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
 
   tree.on_short = retract
   workers = workers if cfg.method == "ets" and len(jobs) > 1 else 1
-  executor = selection_workers(workers) if workers > 1 else None
+  executor = None
+  if workers > 1:
+    try:
+      executor = selection_workers(workers)
+    except (OSError, RuntimeError) as e:  # no processes here (a sandbox, a broken pool)
+      warnings.warn(f"ETS's selections run in the driver: worker processes failed ({e})",
+                    stacklevel=2)
+      workers = 1
   try:
     while queue or active:
       # Admit while the free pages cover the running searches' expected next step and the

@@ -10,6 +10,7 @@ import pytest
 
 from colm.config import ModelConfig
 from kvcache.sampling import SamplingConfig
+from search import methods
 from search.methods import METHODS, SearchConfig, run_search, run_searches
 from search.tree import SearchTree
 
@@ -129,6 +130,19 @@ def test_ets_selections_in_worker_processes_change_nothing(model):
     assert a.solutions == b.solutions and a.kv == b.kv and a.depth == b.depth
   with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
     run_searches(_pool(model, seed, 2048), HashScorer(), cfg, jobs, workers=0)
+
+
+def test_ets_selections_fall_back_to_the_driver_without_processes(model, monkeypatch):
+  seed = 118
+  print(f"seed={seed}")
+
+  def no_processes(workers):
+    raise OSError("no /dev/shm")
+  monkeypatch.setattr(methods, "selection_workers", no_processes)
+  with pytest.warns(UserWarning, match="worker processes failed"):
+    results, stats = run_searches(_pool(model, seed, 2048), HashScorer(),
+                                  SearchConfig("ets", width=8), _jobs(model, seed, 2), workers=4)
+  assert stats.workers == 1 and all(r.solutions for r in results)
 
 
 def test_a_small_pool_runs_searches_a_few_at_a_time(model):
