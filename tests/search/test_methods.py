@@ -121,8 +121,12 @@ def test_ets_selections_in_worker_processes_change_nothing(model):
   print(f"seed={seed}")
   cfg = SearchConfig("ets", width=8)
   jobs = _jobs(model, seed, 4)
-  runs = [run_searches(_pool(model, seed, 2048), HashScorer(), cfg, jobs, workers=w)
-          for w in (1, 2)]
+  try:
+    runs = [run_searches(_pool(model, seed, 2048), HashScorer(), cfg, jobs, workers=w)
+            for w in (1, 2)]
+  finally:
+    methods._shutdown_workers()  # the processes end with the test, not at interpreter exit
+  assert not methods._EXECUTORS
   (one, s1), (two, s2) = runs
   assert (s1.workers, s2.workers) == (1, 2)
   assert s2.ilp_cpu_s > 0 and s2.ilp_s > 0
