@@ -78,9 +78,9 @@ def search_cell(policy, scorer, tok, problems, cfg, *, stop: int, step: int, see
   tree_kw = dict(step_token=step, stop_tokens=[stop], page_size=page_size,
                  max_step_tokens=max_step_tokens, max_depth=max_depth,
                  sampling=SamplingConfig(temperature=temperature))
-  if kv_budget is not None and cfg.method == "ets" and len(problems) > 1:
-    from search.methods import default_workers, selection_workers
-    w = default_workers() if workers is None else workers
+  if kv_budget is not None:
+    from search.methods import selection_worker_count, selection_workers
+    w = selection_worker_count(cfg, len(problems), workers)
     if w > 1:
       selection_workers(w)  # started before the clock, as a server's would be
   c0 = compile_seconds()

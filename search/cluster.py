@@ -55,8 +55,7 @@ def cluster(embeddings: np.ndarray, distance: float = 0.05, impl: str = "auto") 
       if impl == "scipy":
         raise
     else:
-      u = e / np.linalg.norm(e, axis=1, keepdims=True)
-      z = hierarchy.linkage(u, method="average", metric="cosine")
+      z = hierarchy.linkage(e, method="average", metric="cosine")
       return _first_appearance(hierarchy.fcluster(z, distance, criterion="distance"))
   n = e.shape[0]
   d = cosine_distances(e)

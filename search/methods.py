@@ -323,6 +323,15 @@ def default_workers() -> int:
   return max(1, min(8, (os.cpu_count() or 1) - 1))
 
 
+def selection_worker_count(cfg: SearchConfig, n_jobs: int, workers: int | None = None) -> int:
+  """The worker processes run_searches gives ETS's selections for n_jobs problems: `workers`
+  (default default_workers()) where ETS searches more than one problem, else 1 (none)."""
+  workers = default_workers() if workers is None else workers
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
+  return workers if cfg.method == "ets" and n_jobs > 1 else 1
+
+
 @dataclasses.dataclass
 class BatchStats:
   """What a run of several searches in one pool cost together.
@@ -374,9 +383,7 @@ def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
     raise ValueError("run_searches needs at least one job")
   if max_active is not None and max_active < 1:
     raise ValueError(f"max_active must be >= 1, got {max_active}")
-  workers = default_workers() if workers is None else workers
-  if workers < 1:
-    raise ValueError(f"workers must be >= 1, got {workers}")
+  workers = selection_worker_count(cfg, len(jobs), workers)
   t0 = time.perf_counter()
   calls0 = tree.model_calls
   ps = tree.pool.page_size
@@ -405,7 +412,6 @@ def run_searches(tree: SearchTree, scorer: Scorer, cfg: SearchConfig,
     return victim.root
 
   tree.on_short = retract
-  workers = workers if cfg.method == "ets" and len(jobs) > 1 else 1
   executor = None
   if workers > 1:
     try:
